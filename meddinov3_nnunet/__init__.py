@@ -1,0 +1,27 @@
+"""MedDINOv3 for stock nnU-Net v2: DINOv3 ViT encoder, multi-scale token decoder, CT pretraining.
+
+Heavy imports (torch, timm) happen on first use of the public names below, so that the console
+script and nnU-Net's trainer lookup stay fast.
+"""
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_encoder": "meddinov3_nnunet.models.checkpoints",
+    "read_checkpoint": "meddinov3_nnunet.models.checkpoints",
+    "save_encoder": "meddinov3_nnunet.models.checkpoints",
+    "build_encoder": "meddinov3_nnunet.models.encoder",
+    "DINOv3Encoder": "meddinov3_nnunet.models.encoder",
+    "EncoderArch": "meddinov3_nnunet.models.presets",
+    "MedDINOv3Net": "meddinov3_nnunet.models.network",
+    "build_network": "meddinov3_nnunet.models.network",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'meddinov3_nnunet' has no attribute {name!r}")

@@ -1,0 +1,39 @@
+"""The `meddinov3-nnunet` console script.
+
+Each sub-command lives in its own module exposing `configure_parser(parser)` and `run(args) -> int`;
+those modules keep heavy imports (torch, nnunetv2) inside `run`, so `--help` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Adding a sub-command is one line here plus its module.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "inspect-checkpoint": ("meddinov3_nnunet.models.inspect_cmd",
+                           "detect a checkpoint's format and architecture"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meddinov3-nnunet", description=__doc__.splitlines()[0])
+    from meddinov3_nnunet import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        module.configure_parser(command_parser)
+        command_parser.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

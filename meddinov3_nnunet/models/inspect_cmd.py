@@ -1,0 +1,47 @@
+"""`meddinov3-nnunet inspect-checkpoint PATH`: what a weights file is, without building anything big."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="encoder checkpoint (.pth) in any supported layout")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .checkpoints import CheckpointError, read_checkpoint
+
+    try:
+        ckpt = read_checkpoint(args.path)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    info = {
+        "path": ckpt.path,
+        "format": ckpt.format,
+        "architecture": ckpt.arch.to_dict(),
+        "parameters": ckpt.num_parameters,
+        "tensors": len(ckpt.state_dict),
+        "ignored_keys": len(ckpt.ignored_keys),
+        "meta": ckpt.meta,
+    }
+    if args.json:
+        import json
+
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    arch = ckpt.arch
+    print(f"file:          {ckpt.path}")
+    print(f"format:        {ckpt.format}")
+    print(f"architecture:  ViT/{arch.patch_size} dim {arch.embed_dim}, depth {arch.depth}, heads {arch.num_heads}, "
+          f"registers {arch.num_register_tokens}, mlp x{arch.mlp_ratio:g}, qkv bias {arch.qkv_bias}, "
+          f"norm eps {arch.norm_eps:g}, RoPE base {arch.rope_base:g} ({arch.rope_dtype})")
+    print(f"parameters:    {ckpt.num_parameters:,} (encoder)")
+    print(f"keys:          {len(ckpt.state_dict)} encoder tensors"
+          + (f", {len(ckpt.ignored_keys)} ignored ({', '.join(sorted({k.split('.')[0] for k in ckpt.ignored_keys}))})"
+             if ckpt.ignored_keys else ""))
+    for key, value in ckpt.meta.items():
+        print(f"meta.{key}: {value}")
+    return 0

@@ -1,0 +1,85 @@
+"""The MedDINOv3 segmentation network: channel adapter -> DINOv3 encoder -> token aggregation decoder.
+
+Input channels: one grey channel is copied to the encoder's 3-channel stem, exactly as the paper does
+(no parameters). For C > 1 channels (e.g. several MRI sequences) a learned 1x1 convolution maps C -> 3,
+initialised to the channel mean so that at the start every stem channel sees the mean image: the
+pretrained patch embedding receives the kind of input it was trained on and the encoder weights stay in
+their released layout (exportable and loadable unchanged).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .decoder import TokenAggregationDecoder
+from .encoder import DINOv3Encoder, build_encoder, check_image_size
+from .presets import EncoderArch, default_tap_blocks, preset
+
+
+class ChannelAdapter(nn.Module):
+    def __init__(self, in_channels: int, stem_channels: int = 3):
+        super().__init__()
+        if in_channels < 1:
+            raise ValueError(f"need at least one input channel, got {in_channels}")
+        self.in_channels, self.stem_channels = in_channels, stem_channels
+        self.projection = None
+        if in_channels != 1:
+            self.projection = nn.Conv2d(in_channels, stem_channels, kernel_size=1)
+            nn.init.constant_(self.projection.weight, 1.0 / in_channels)
+            nn.init.zeros_(self.projection.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"network was built for {self.in_channels} input channel(s), got {x.shape[1]}")
+        if self.projection is None:
+            return x.expand(-1, self.stem_channels, -1, -1)
+        return self.projection(x)
+
+
+class MedDINOv3Net(nn.Module):
+    """Segmentation logits (B, num_classes, H, W) for images (B, in_channels, H, W), H and W multiples of 16.
+
+    ``tap_blocks`` are the encoder blocks whose normed patch tokens feed the decoder (default: the last
+    block of each quarter of the depth); ``multiscale=False`` uses the last block only (the ablation).
+    """
+
+    def __init__(self, encoder: DINOv3Encoder, in_channels: int, num_classes: int,
+                 multiscale: bool = True, tap_blocks: Sequence[int] | None = None):
+        super().__init__()
+        depth = encoder.arch.depth
+        if tap_blocks is None:
+            tap_blocks = default_tap_blocks(depth) if multiscale else (depth - 1,)
+        self.tap_blocks = tuple(int(b) for b in tap_blocks)
+        if any(not 0 <= b < depth for b in self.tap_blocks):
+            raise ValueError(f"tap blocks {self.tap_blocks} out of range for a {depth}-block encoder")
+        self.channel_adapter = ChannelAdapter(in_channels, encoder.arch.in_chans)
+        self.encoder = encoder
+        self.decoder = TokenAggregationDecoder(len(self.tap_blocks) * encoder.arch.embed_dim, num_classes,
+                                               encoder.arch.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_size(x.shape[-2], x.shape[-1], self.encoder.patch_size)
+        features = self.encoder.get_intermediate_layers(self.channel_adapter(x), n=self.tap_blocks,
+                                                        reshape=True, norm=True)
+        return self.decoder(torch.cat(features, dim=1))
+
+    def encoder_parameters(self):
+        return self.encoder.parameters()
+
+    def decoder_parameters(self):
+        """Everything trained at the decoder learning rate: decoder and channel adapter."""
+        encoder_ids = {id(p) for p in self.encoder.parameters()}
+        return [p for p in self.parameters() if id(p) not in encoder_ids]
+
+
+def build_network(encoder: EncoderArch | str | DINOv3Encoder = "vit_b16", in_channels: int = 1, num_classes: int = 2,
+                  multiscale: bool = True, tap_blocks: Sequence[int] | None = None, flavour: str = "meddinov3",
+                  drop_path_rate: float = 0.0) -> MedDINOv3Net:
+    """Network with a random encoder from a preset name / `EncoderArch`, or around a given encoder."""
+    if isinstance(encoder, str):
+        encoder = preset(encoder, flavour)
+    if isinstance(encoder, EncoderArch):
+        encoder = build_encoder(encoder, drop_path_rate=drop_path_rate)
+    return MedDINOv3Net(encoder, in_channels, num_classes, multiscale=multiscale, tap_blocks=tap_blocks)

@@ -1,0 +1,20 @@
+"""Shared test fixtures. Data and reference files are read from ../shared beside the repository root,
+or from the folder named by MEDDINOV3_SHARED."""
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MEDDINOV3_SHARED", REPO_ROOT.parent / "shared"))
+
+warnings.filterwarnings("ignore", message=".*torch.jit.interface.*")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"shared data folder {SHARED} not found: put ../shared beside the repository or set "
+                    f"MEDDINOV3_SHARED")
+    return SHARED
