@@ -1,0 +1,1 @@
+"""Segmentation metrics, tables and plots. Imports no model code."""
