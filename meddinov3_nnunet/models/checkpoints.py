@@ -171,8 +171,9 @@ def _torch_load(path: str):
                 f"Re-save only the state dict (torch.save(model.state_dict(), ...)).") from None
         reason = next((line for line in message.splitlines() if "Unsupported operand" in line), None) \
             or (message.splitlines()[0] if message else type(err).__name__)
+        reason = reason.strip().split(". ")[0][:160]
         raise CheckpointError(
-            f"{path}: cannot be read as a PyTorch checkpoint ({reason.strip().split(". ")[0][:160]}). The file is damaged or "
+            f"{path}: cannot be read as a PyTorch checkpoint ({reason}). The file is damaged or "
             f"not a checkpoint; download or export it again.") from None
 
 
