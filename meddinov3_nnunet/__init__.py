@@ -16,7 +16,14 @@ _LAZY = {
     "build_network": "meddinov3_nnunet.models.network",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = sorted(_LAZY) + ["ext_trainer_dir"]
+
+
+def ext_trainer_dir() -> str:
+    """The folder to put in nnU-Net's `nnUNet_extTrainer` so that `-tr MedDINOv3Trainer` is found."""
+    import os
+
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "nnunet_ext")
 
 
 def __getattr__(name):

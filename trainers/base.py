@@ -1,0 +1,209 @@
+"""`MedDINOv3Trainer`: the single nnU-Net trainer class of this plugin.
+
+Variants (see `variants.py`) change class attributes only. The architecture attributes (encoder preset,
+flavour, decoder mode) are read by `build_network_architecture`, which nnU-Net also calls at prediction, so
+a results folder always rebuilds the network it was trained with.
+
+Encoder weights are looked up when training starts (never in `build_network_architecture`):
+1. the environment variable named by ``weights_env_var`` (``MEDDINOV3_WEIGHTS``; ``DINOV3_WEIGHTS`` for
+   `DINOv3Trainer`) — a per-run choice, so it wins;
+2. ``plans['configurations'][CONFIG]['meddinov3']['encoder_weights']``, written by
+   ``meddinov3-nnunet plan --weights``.
+
+Budget overrides for quick or benchmark runs (logged): ``MEDDINOV3_NUM_EPOCHS``,
+``MEDDINOV3_ITERS_PER_EPOCH``, ``MEDDINOV3_VAL_ITERS``, ``MEDDINOV3_BATCH_SIZE``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel
+
+from meddinov3_nnunet.finetune import FinetuneRecipe, WarmupLinearDecay, build_optimizer
+from meddinov3_nnunet.models.checkpoints import CheckpointError, load_into, read_checkpoint
+from meddinov3_nnunet.models.network import MedDINOv3Net, build_network
+from meddinov3_nnunet.models.presets import preset
+
+PLANS_KEY = "meddinov3"  # per-configuration entry of the plans owned by this plugin
+
+
+def _env_int(name: str, default):
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be a positive integer") from None
+    if number < 1:
+        raise ValueError(f"environment variable {name}={value!r} must be a positive integer")
+    return number
+
+
+def round_up_to_patch(size, patch: int = 16) -> list[int]:
+    return [max(patch, -(-int(s) // patch) * patch) for s in size]
+
+
+class MedDINOv3Trainer(nnUNetTrainer):
+    """ViT-B/16 (MedDINOv3 CT-3M weights) + multi-scale token aggregation decoder, 2D."""
+
+    # architecture: also used at prediction time
+    encoder_preset = "vit_b16"
+    encoder_flavour = "meddinov3"
+    multiscale = True
+    tap_blocks = None  # None: last block of each quarter (2, 5, 8, 11 for ViT-B)
+    drop_path_rate = 0.2
+
+    # encoder initialisation: "required" (error without weights), "optional" (random if none), "none"
+    encoder_weights = "required"
+    weights_env_var = "MEDDINOV3_WEIGHTS"
+    weights_hint = "MedDINOv3's CT-3M ViT-B/16 model.pth (huggingface.co/ricklisz123/MedDINOv3-ViTB-16-CT-3M)"
+
+    recipe = FinetuneRecipe()
+
+    # budget (nnU-Net's defaults); the MEDDINOV3_* environment variables override them
+    epochs = 1000
+    iterations_per_epoch = 250
+    val_iterations_per_epoch = 50
+    batch_size_override = None  # None: the plans' batch size
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        budget_notes = self._adapt_plans(plans, configuration)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.enable_deep_supervision = False
+        self.num_epochs = _env_int("MEDDINOV3_NUM_EPOCHS", self.epochs)
+        self.num_iterations_per_epoch = _env_int("MEDDINOV3_ITERS_PER_EPOCH", self.iterations_per_epoch)
+        self.num_val_iterations_per_epoch = _env_int("MEDDINOV3_VAL_ITERS", self.val_iterations_per_epoch)
+        self.initial_lr = self.recipe.decoder_lr
+        self.weight_decay = self.recipe.weight_decay
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            # bf16 autocast needs no loss scaling; nnU-Net's autocast(...) calls pick this dtype up
+            torch.set_autocast_dtype("cuda", torch.bfloat16)
+            self.grad_scaler = None
+        for note in budget_notes:
+            self.print_to_log_file(note)
+        self.print_to_log_file(
+            f"{type(self).__name__}: encoder {self.encoder_preset} ({self.encoder_flavour} flavour), "
+            f"{'multi-scale ' + str(self.tap_blocks or 'quarter-depth') if self.multiscale else 'single-scale'} "
+            f"decoder; {self.num_epochs} epochs x {self.num_iterations_per_epoch} iterations; {self.recipe}")
+
+    # -- plans ------------------------------------------------------------------------------------
+    @classmethod
+    def _adapt_plans(cls, plans: dict, configuration: str) -> list[str]:
+        """Makes the configuration usable by a ViT/16 before nnU-Net reads it: patch size rounded up to
+        multiples of 16 (written into the plans, so the results folder's plans.json and prediction use the
+        same size) and the batch size override. Returns log lines."""
+        if configuration not in plans.get("configurations", {}):
+            raise ValueError(f"configuration {configuration!r} is not in the plans "
+                             f"({sorted(plans.get('configurations', {}))}); run `meddinov3-nnunet plan` to add "
+                             f"a ViT-aware one or use 2d")
+        manager = PlansManager(plans).get_configuration(configuration)
+        if len(manager.patch_size) != 2:
+            raise ValueError(f"{cls.__name__} is a 2D method but configuration {configuration!r} has a "
+                             f"{len(manager.patch_size)}D patch size {manager.patch_size}; use the 2d "
+                             f"configuration or one made by `meddinov3-nnunet plan`")
+        notes = []
+        entry = plans["configurations"][configuration]
+        rounded = round_up_to_patch(manager.patch_size)
+        if rounded != list(manager.patch_size):
+            entry["patch_size"] = rounded
+            notes.append(f"patch size {list(manager.patch_size)} rounded up to {rounded} (multiples of 16 for ViT/16)")
+        batch_size = _env_int("MEDDINOV3_BATCH_SIZE", cls.batch_size_override)
+        if batch_size is not None and batch_size != manager.batch_size:
+            entry["batch_size"] = batch_size
+            notes.append(f"batch size {manager.batch_size} -> {batch_size}")
+        return notes
+
+    # -- network ----------------------------------------------------------------------------------
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> MedDINOv3Net:
+        return build_network(preset(cls.encoder_preset, cls.encoder_flavour), in_channels=num_input_channels,
+                             num_classes=num_output_channels, multiscale=cls.multiscale, tap_blocks=cls.tap_blocks,
+                             drop_path_rate=cls.drop_path_rate)
+
+    def _plain_network(self) -> MedDINOv3Net:
+        network = self.network.module if isinstance(self.network, DistributedDataParallel) else self.network
+        return network._orig_mod if isinstance(network, OptimizedModule) else network
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self._plain_network(), self.recipe)
+        return optimizer, WarmupLinearDecay(optimizer, self.num_epochs, self.recipe.warmup_epochs)
+
+    # -- encoder weights --------------------------------------------------------------------------
+    def resolve_encoder_weights(self) -> tuple[str | None, str]:
+        """(path or None, where it came from). The environment variable wins over the plans entry."""
+        from_env = os.environ.get(self.weights_env_var)
+        if from_env:
+            return from_env, f"environment variable {self.weights_env_var}"
+        from_plans = self.configuration_manager.configuration.get(PLANS_KEY, {}).get("encoder_weights")
+        if from_plans:
+            return from_plans, f"plans configuration {self.configuration_name!r}"
+        return None, ""
+
+    def initialize(self):
+        super().initialize()
+        # lets on_train_start notice weights loaded by nnU-Net's -pretrained_weights
+        self._fresh_encoder_marker = self._plain_network().encoder.cls_token.detach().clone()
+
+    def load_encoder_weights(self) -> None:
+        encoder = self._plain_network().encoder
+        if not torch.equal(encoder.cls_token.detach(), self._fresh_encoder_marker):
+            self.print_to_log_file("encoder: keeping the weights loaded by -pretrained_weights")
+            return
+        path, source = self.resolve_encoder_weights()
+        if self.encoder_weights == "none":
+            self.print_to_log_file("encoder: random initialisation (trained from scratch)"
+                                   + (f"; ignoring {path} from {source}" if path else ""))
+            return
+        if path is None:
+            if self.encoder_weights == "required":
+                raise RuntimeError(
+                    f"{type(self).__name__} needs encoder weights and none are configured. Download "
+                    f"{self.weights_hint} (or export your own with `meddinov3-nnunet export`) and either "
+                    f"`export {self.weights_env_var}=/path/to/weights.pth` or run "
+                    f"`meddinov3-nnunet plan -d DATASET --weights /path/to/weights.pth`. To train without "
+                    f"pretrained weights use MedDINOv3Trainer_scratch.")
+            self.print_to_log_file("encoder: random initialisation (no weights configured)")
+            return
+        try:
+            checkpoint = read_checkpoint(path)
+            load_into(encoder, checkpoint)
+        except CheckpointError as err:
+            raise CheckpointError(f"{type(self).__name__} (encoder {self.encoder_preset}, weights from {source}): "
+                                  f"{err}") from None
+        self.print_to_log_file(f"encoder: loaded {path} (format {checkpoint.format}, from {source}; "
+                               f"{len(checkpoint.state_dict)} tensors, {checkpoint.num_parameters:,} parameters)")
+
+    def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()
+        if self.current_epoch == 0:  # not when resuming with --c
+            self.load_encoder_weights()
+        super().on_train_start()
+
+    # -- training step: configurable clipping, bf16/fp16 autocast on CUDA, fp32 elsewhere ----------
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda") if self.device.type == "cuda" else dummy_context():
+            loss = self.loss(self.network(data), target)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.recipe.grad_clip_norm)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.recipe.grad_clip_norm)
+            self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}

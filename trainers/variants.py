@@ -1,0 +1,61 @@
+"""Trainer variants: each changes one thing of `MedDINOv3Trainer`, named after that thing (nnU-Net style)."""
+from meddinov3_nnunet.finetune import FinetuneRecipe
+
+from .base import MedDINOv3Trainer
+
+
+class MedDINOv3Trainer_S(MedDINOv3Trainer):
+    """ViT-S/16 encoder (weights: your own pretraining export, or Meta's ViT-S)."""
+    encoder_preset = "vit_s16"
+    weights_hint = "a ViT-S/16 encoder (`meddinov3-nnunet export` or Meta's dinov3_vits16_pretrain_*.pth)"
+
+
+class MedDINOv3Trainer_L(MedDINOv3Trainer):
+    """ViT-L/16 encoder; the decoder taps blocks 5, 11, 17, 23."""
+    encoder_preset = "vit_l16"
+    weights_hint = "a ViT-L/16 encoder (`meddinov3-nnunet export` or Meta's dinov3_vitl16_pretrain_*.pth)"
+
+
+class MedDINOv3Trainer_singlescale(MedDINOv3Trainer):
+    """Ablation: the decoder reads the last block only."""
+    multiscale = False
+
+
+class MedDINOv3Trainer_scratch(MedDINOv3Trainer):
+    """Ablation: random encoder, trained at the decoder's learning rate (as the reference's scratch run)."""
+    encoder_weights = "none"
+    recipe = FinetuneRecipe(encoder_lr=3e-4)
+
+
+class DINOv3Trainer(MedDINOv3Trainer):
+    """Meta's natural-image DINOv3 ViT-B/16 weights (registers kept), encoder lr 1e-4."""
+    encoder_flavour = "meta"
+    weights_env_var = "DINOV3_WEIGHTS"
+    weights_hint = "Meta's dinov3_vitb16_pretrain_lvd1689m-*.pth (github.com/facebookresearch/dinov3)"
+    recipe = FinetuneRecipe(encoder_lr=1e-4)
+
+
+class MedDINOv3Trainer_5epochs(MedDINOv3Trainer):
+    epochs = 5
+
+
+class MedDINOv3Trainer_smoke(MedDINOv3Trainer):
+    """Tiny encoder, a few iterations: checks an install or a pipeline on a CPU in about a minute.
+    Loads encoder weights when some are configured (e.g. a tiny pretraining export), else random."""
+    encoder_preset = "vit_tiny16"
+    encoder_weights = "optional"
+    drop_path_rate = 0.0
+    epochs = 3
+    iterations_per_epoch = 12
+    val_iterations_per_epoch = 2
+    batch_size_override = 8
+    recipe = FinetuneRecipe(encoder_lr=3e-4)
+
+
+# Names of the official MedDINOv3 repository, for existing scripts.
+class meddinov3_base_primus_multiscale_Trainer(MedDINOv3Trainer):
+    """Alias of MedDINOv3Trainer."""
+
+
+class dinov3_base_primus_multiscale_Trainer(DINOv3Trainer):
+    """Alias of DINOv3Trainer."""
