@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect-checkpoint": ("meddinov3_nnunet.models.inspect_cmd",
                            "detect a checkpoint's format and architecture"),
+    "plan": ("meddinov3_nnunet.plan_cmd", "add a ViT-aware 2D configuration to nnU-Net's plans and preprocess it"),
 }
 
 

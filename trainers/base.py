@@ -28,8 +28,8 @@ from meddinov3_nnunet.finetune import FinetuneRecipe, WarmupLinearDecay, build_o
 from meddinov3_nnunet.models.checkpoints import CheckpointError, load_into, read_checkpoint
 from meddinov3_nnunet.models.network import MedDINOv3Net, build_network
 from meddinov3_nnunet.models.presets import preset
+from meddinov3_nnunet.planning import PLANS_KEY
 
-PLANS_KEY = "meddinov3"  # per-configuration entry of the plans owned by this plugin
 
 
 def _env_int(name: str, default):
@@ -71,6 +71,7 @@ class MedDINOv3Trainer(nnUNetTrainer):
     iterations_per_epoch = 250
     val_iterations_per_epoch = 50
     batch_size_override = None  # None: the plans' batch size
+    checkpoint_every = 50  # epochs between checkpoint_latest.pth saves (nnU-Net's default)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -80,6 +81,7 @@ class MedDINOv3Trainer(nnUNetTrainer):
         self.num_epochs = _env_int("MEDDINOV3_NUM_EPOCHS", self.epochs)
         self.num_iterations_per_epoch = _env_int("MEDDINOV3_ITERS_PER_EPOCH", self.iterations_per_epoch)
         self.num_val_iterations_per_epoch = _env_int("MEDDINOV3_VAL_ITERS", self.val_iterations_per_epoch)
+        self.save_every = self.checkpoint_every
         self.initial_lr = self.recipe.decoder_lr
         self.weight_decay = self.recipe.weight_decay
         if self.device.type == "cuda" and torch.cuda.is_bf16_supported():

@@ -49,6 +49,7 @@ class MedDINOv3Trainer_smoke(MedDINOv3Trainer):
     iterations_per_epoch = 12
     val_iterations_per_epoch = 2
     batch_size_override = 8
+    checkpoint_every = 1
     recipe = FinetuneRecipe(encoder_lr=3e-4)
 
 

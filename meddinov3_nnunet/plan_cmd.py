@@ -1,0 +1,38 @@
+"""`meddinov3-nnunet plan -d DATASET`: add a ViT-aware 2D configuration to nnU-Net's plans and preprocess it."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-d", "--dataset", required=True, help="dataset id or name (after nnUNetv2_plan_and_preprocess)")
+    from meddinov3_nnunet.plans import available_presets
+
+    parser.add_argument("--preset", default="default", choices=available_presets(),
+                        help="planning preset in plans/ (default: the paper's rule; cpu: small, for CPU machines)")
+    parser.add_argument("--target-size", type=int, help="target in-plane size in pixels (preset: 896 / 128)")
+    parser.add_argument("--max-scale", type=float, help="largest in-plane upsampling factor (preset: 4 / 2)")
+    parser.add_argument("--batch-size", type=int, help="batch size instead of the token-budget rule")
+    parser.add_argument("-c", "--configuration-name", help="name of the new configuration (default 2d_meddinov3)")
+    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    parser.add_argument("--weights", help="encoder weights to fine-tune from, stored in the plans "
+                                          "(MEDDINOV3_WEIGHTS wins over it at training time)")
+    parser.add_argument("--no-preprocess", action="store_true", help="only write the plans")
+    parser.add_argument("-np", "--num-processes", type=int, default=2, help="preprocessing processes (default 2)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from meddinov3_nnunet.planning import plan
+
+    try:
+        dataset_name, vit = plan(args.dataset, args.preset, args.plans, args.target_size, args.max_scale,
+                                 args.batch_size, args.configuration_name, args.weights,
+                                 preprocess=not args.no_preprocess, num_processes=args.num_processes)
+    except ValueError as err:  # PlanningError, CheckpointError: messages name the file and the fix
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{dataset_name}: configuration {vit.configuration_name!r} — spacing {vit.spacing}, patch {vit.patch_size} "
+          f"({vit.tokens_per_patch} tokens), batch {vit.batch_size}, in-plane upsampling x{vit.scale:g}")
+    print(f"train with: nnUNetv2_train {dataset_name} {vit.configuration_name} FOLD -tr MedDINOv3Trainer")
+    return 0

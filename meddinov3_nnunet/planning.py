@@ -1,0 +1,152 @@
+"""ViT-aware nnU-Net planning: derive a ViT/16 configuration from nnU-Net's own ``2d`` plan.
+
+The new configuration (default ``2d_meddinov3``) inherits everything from ``2d`` (preprocessor, normalisation,
+resampling: stock nnU-Net names only) and changes four things:
+
+* in-plane spacing divided by ``scale = clip(target_size / max(median slice size), 1, max_scale)``: MedDINOv3
+  upsamples CT slices to 896 px (56 x 56 tokens) because a 16 px token is coarse for small organs;
+* patch size scaled likewise and rounded up to multiples of 16;
+* batch size ``clip(tokens_per_batch // tokens_per_patch, min_batch_size, batch size of 2d)``;
+* a ``meddinov3`` entry recording how it was made and, optionally, the encoder weights to fine-tune from.
+
+Then nnU-Net's own preprocessing runs for that configuration.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from meddinov3_nnunet.plans import load_preset
+
+PLANS_KEY = "meddinov3"
+
+
+class PlanningError(ValueError):
+    """Bad input to `plan`; the message says what to fix."""
+
+
+def _required_env(name: str) -> Path:
+    value = os.environ.get(name)
+    if not value:
+        raise PlanningError(f"environment variable {name} is not set: nnU-Net needs nnUNet_raw, "
+                            f"nnUNet_preprocessed and nnUNet_results (see nnU-Net's documentation/setting_up_paths.md)")
+    return Path(value)
+
+
+def find_dataset_name(dataset: str | int) -> str:
+    """'4', 4 or 'Dataset004_Hippocampus' -> 'Dataset004_Hippocampus', looked up in nnUNet_preprocessed/nnUNet_raw."""
+    text = str(dataset)
+    if text.startswith("Dataset"):
+        return text
+    try:
+        dataset_id = int(text)
+    except ValueError:
+        raise PlanningError(f"dataset {text!r} is neither an integer id nor a name like Dataset004_Hippocampus") from None
+    prefix = f"Dataset{dataset_id:03d}_"
+    for base in (_required_env("nnUNet_preprocessed"), Path(os.environ.get("nnUNet_raw", "/nonexistent"))):
+        if base.is_dir():
+            matches = sorted(p.name for p in base.iterdir() if p.name.startswith(prefix))
+            if matches:
+                return matches[0]
+    raise PlanningError(f"no dataset with id {dataset_id} in nnUNet_preprocessed ({os.environ.get('nnUNet_preprocessed')}) "
+                        f"or nnUNet_raw ({os.environ.get('nnUNet_raw')}); check the id")
+
+
+@dataclass(frozen=True)
+class VitPlan:
+    configuration_name: str
+    spacing: list[float]
+    patch_size: list[int]
+    median_image_size_in_voxels: list[float]
+    batch_size: int
+    scale: float
+
+    @property
+    def tokens_per_patch(self) -> int:
+        return math.prod(self.patch_size) // 256
+
+
+def derive_vit_plan(source: dict, target_size: int, max_scale: float, tokens_per_batch: int,
+                    min_batch_size: int = 2, batch_size: int | None = None,
+                    configuration_name: str = "2d_meddinov3") -> VitPlan:
+    """Pure arithmetic of the derived configuration from a resolved 2D source configuration dict."""
+    if target_size < 16 or max_scale < 1 or tokens_per_batch < 1:
+        raise PlanningError(f"need target_size >= 16, max_scale >= 1, tokens_per_batch >= 1 (got {target_size}, "
+                            f"{max_scale}, {tokens_per_batch})")
+    if len(source["patch_size"]) != 2:
+        raise PlanningError(f"the source configuration has a {len(source['patch_size'])}D patch size "
+                            f"{source['patch_size']}; derive from a 2D configuration (2d)")
+    median = [float(m) for m in source["median_image_size_in_voxels"]]
+    scale = min(max(target_size / max(median), 1.0), max_scale)
+    patch = [max(16, math.ceil(p * scale / 16) * 16) for p in source["patch_size"]]
+    tokens = math.prod(patch) // 256
+    if batch_size is None:
+        batch_size = min(max(tokens_per_batch // tokens, min_batch_size), int(source["batch_size"]))
+    if batch_size < 1:
+        raise PlanningError(f"batch size must be >= 1, got {batch_size}")
+    return VitPlan(configuration_name=configuration_name,
+                   spacing=[round(s / scale, 6) for s in source["spacing"]],
+                   patch_size=patch,
+                   median_image_size_in_voxels=[round(m * scale, 2) for m in median],
+                   batch_size=int(batch_size), scale=round(scale, 6))
+
+
+def _write_json_atomic(data: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=4, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def plan(dataset: str | int, preset: str = "default", plans_name: str = "nnUNetPlans",
+         target_size: int | None = None, max_scale: float | None = None, batch_size: int | None = None,
+         configuration_name: str | None = None, weights: str | None = None, preprocess: bool = True,
+         num_processes: int = 2) -> tuple[str, VitPlan]:
+    """Adds the ViT configuration to ``nnUNet_preprocessed/<dataset>/<plans_name>.json`` and preprocesses it.
+    Returns (dataset name, plan)."""
+    settings = load_preset(preset)
+    dataset_name = find_dataset_name(dataset)
+    plans_file = _required_env("nnUNet_preprocessed") / dataset_name / f"{plans_name}.json"
+    if not plans_file.is_file():
+        raise PlanningError(f"{plans_file} does not exist: run nnU-Net's planning first, e.g. "
+                            f"`nnUNetv2_plan_and_preprocess -d {dataset} -c 2d`")
+    plans = json.loads(plans_file.read_text())
+    source_name = settings["source_configuration"]
+    if source_name not in plans["configurations"]:
+        raise PlanningError(f"{plans_file} has no {source_name!r} configuration to derive from")
+    if weights is not None:
+        from meddinov3_nnunet.models.checkpoints import read_checkpoint
+
+        weights = str(Path(weights).resolve())
+        read_checkpoint(weights)  # unreadable or foreign files fail here, before any work
+
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    source = PlansManager(plans).get_configuration(source_name).configuration
+    vit = derive_vit_plan(source, target_size or settings["target_size"], max_scale or settings["max_scale"],
+                          settings["tokens_per_batch"], settings["min_batch_size"], batch_size,
+                          configuration_name or settings["configuration_name"])
+    entry = {"preset": preset, "target_size": target_size or settings["target_size"], "scale": vit.scale,
+             "source_configuration": source_name}
+    if weights:
+        entry["encoder_weights"] = weights
+    plans["configurations"][vit.configuration_name] = {
+        "inherits_from": source_name,
+        "data_identifier": f"{plans_name}_{vit.configuration_name}",
+        "spacing": vit.spacing,
+        "patch_size": vit.patch_size,
+        "median_image_size_in_voxels": vit.median_image_size_in_voxels,
+        "batch_size": vit.batch_size,
+        PLANS_KEY: entry,
+    }
+    _write_json_atomic(plans, plans_file)
+    if preprocess:
+        from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess as nnunet_preprocess
+
+        nnunet_preprocess([int(dataset_name[7:10])], plans_name, configurations=[vit.configuration_name],
+                          num_processes=[num_processes])
+    return dataset_name, vit
