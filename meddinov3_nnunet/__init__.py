@@ -3,7 +3,12 @@
 Heavy imports (torch, timm) happen on first use of the public names below, so that the console
 script and nnU-Net's trainer lookup stay fast.
 """
+import warnings
+
 __version__ = "0.1.0"
+
+# timm's import triggers torch's deprecation notice for torch.jit.interface on every start; it is not ours to fix
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.interface.*", category=FutureWarning)
 
 _LAZY = {
     "load_encoder": "meddinov3_nnunet.models.checkpoints",

@@ -13,6 +13,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect-checkpoint": ("meddinov3_nnunet.models.inspect_cmd",
                            "detect a checkpoint's format and architecture"),
+    "demo": ("meddinov3_nnunet.demo", "run plan -> fine-tune -> predict -> evaluate on a small (synthetic) dataset"),
+    "doctor": ("meddinov3_nnunet.doctor", "check versions, nnU-Net paths, trainer discovery and weights"),
     "plan": ("meddinov3_nnunet.plan_cmd", "add a ViT-aware 2D configuration to nnU-Net's plans and preprocess it"),
 }
 

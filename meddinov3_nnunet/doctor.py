@@ -1,0 +1,94 @@
+"""`meddinov3-nnunet doctor`: where nnU-Net finds the trainers, which versions run, and what is missing."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import io
+import os
+import platform
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trainer", default="MedDINOv3Trainer", help="trainer name to look up (default MedDINOv3Trainer)")
+    parser.add_argument("--trainer-dir", action="store_true",
+                        help='print only the folder for nnUNet_extTrainer: export nnUNet_extTrainer="$(meddinov3-nnunet '
+                             'doctor --trainer-dir)"')
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def run(args: argparse.Namespace) -> int:
+    import meddinov3_nnunet
+
+    ext_dir = meddinov3_nnunet.ext_trainer_dir()
+    if args.trainer_dir:
+        print(ext_dir)
+        return 0
+    missing: list[str] = []
+    print("versions")
+    print(f"  python            {platform.python_version()}")
+    for package in ("meddinov3-nnunet", "nnunetv2", "torch", "timm", "lightly", "monai"):
+        print(f"  {package:<17} {_version(package)}")
+    nnunet_version = _version("nnunetv2")
+    if not nnunet_version.startswith("2.8"):
+        missing.append(f"nnunetv2 {nnunet_version} installed; this plugin needs nnunetv2>=2.8,<2.9 "
+                       f"(pip install 'nnunetv2>=2.8,<2.9')")
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    devices = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if cuda else "none"
+    print(f"  CUDA devices      {devices}" + ("" if cuda else " (train and predict with -device cpu)"))
+
+    print("nnU-Net paths")
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        value = os.environ.get(name)
+        state = "not set" if not value else ("" if os.path.isdir(value) else "(folder does not exist yet)")
+        print(f"  {name:<20} {value or ''} {state}".rstrip())
+        if not value:
+            missing.append(f"export {name}=/path/to/{name} (see nnU-Net's documentation/setting_up_paths.md)")
+
+    print("trainer discovery")
+    print(f"  trainer folder    {ext_dir}")
+    configured = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+    print(f"  nnUNet_extTrainer {os.pathsep.join(configured) or 'not set'}")
+    if not any(os.path.realpath(p) == os.path.realpath(ext_dir) for p in configured):
+        missing.append(f'export nnUNet_extTrainer="{ext_dir}"  (add it with "{os.pathsep}" if the variable '
+                       f"already lists other folders)")
+    else:
+        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                trainer = recursive_find_trainer_class_by_name(args.trainer)
+            print(f"  {args.trainer} found: {trainer.__module__}.{trainer.__qualname__}")
+        except Exception as err:  # nnU-Net raises RuntimeError; a broken module in another folder anything
+            missing.append(f"nnU-Net cannot load {args.trainer}: {str(err).splitlines()[0]}")
+
+    print("encoder weights")
+    for variable in ("MEDDINOV3_WEIGHTS", "DINOV3_WEIGHTS"):
+        path = os.environ.get(variable)
+        if not path:
+            print(f"  {variable:<17} not set (or use `meddinov3-nnunet plan --weights`)")
+            continue
+        from meddinov3_nnunet.models.checkpoints import CheckpointError, read_checkpoint
+
+        try:
+            ckpt = read_checkpoint(path)
+            print(f"  {variable:<17} {path}: {ckpt.format}, dim {ckpt.arch.embed_dim}, depth {ckpt.arch.depth}")
+        except CheckpointError as err:
+            missing.append(f"{variable}: {err}")
+
+    if missing:
+        print("missing")
+        for item in missing:
+            print(f"  - {item}")
+        return 1
+    print("all set")
+    return 0
