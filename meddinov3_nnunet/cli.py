@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("meddinov3_nnunet.demo", "run plan -> fine-tune -> predict -> evaluate on a small (synthetic) dataset"),
     "doctor": ("meddinov3_nnunet.doctor", "check versions, nnU-Net paths, trainer discovery and weights"),
     "plan": ("meddinov3_nnunet.plan_cmd", "add a ViT-aware 2D configuration to nnU-Net's plans and preprocess it"),
+    "pretrain": ("meddinov3_nnunet.pretraining.pretrain_cmd", "pretrain a DINOv3 encoder on CT/MRI slices (MedDINOv3 stages 1-3)"),
+    "export": ("meddinov3_nnunet.pretraining.export_cmd", "export a pretraining run's encoder for the trainers and in MedDINOv3's layout"),
 }
 
 

@@ -1,0 +1,536 @@
+"""The pretraining loop: one DINOv3 stage (1: DINO + iBOT + KoLeo; 2-3: + Gram anchoring) on one or many ranks.
+
+Launch one process per GPU with ``torchrun`` (DDP; NCCL on GPU, gloo on CPU) or run it plainly for one
+process. Everything that can be wrong with the inputs is checked before the first step (`PretrainingRun.prepare`):
+the recipe, the corpus, ``--init`` and Gram-teacher checkpoints (their encoder must match ``model.arch``) and,
+for ``--resume``, that the saved run used the same recipe.
+
+Run folder: ``config.yaml`` (the resolved recipe), ``checkpoint.pth`` (latest; student, teacher, optimiser,
+step, RNG states, config), ``checkpoint_stepNNNNNNN.pth`` (kept every ``train.keep_every`` steps),
+``metrics.jsonl`` (one line per step) and ``loss_curves.png``.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightly.models.utils import update_momentum
+from lightly.utils.scheduler import cosine_schedule
+
+from meddinov3_nnunet.models.checkpoints import CheckpointError, atomic_save, load_into
+from meddinov3_nnunet.models.encoder import DINOv3Encoder
+from meddinov3_nnunet.models.presets import preset
+
+from . import augment
+from .config import ConfigError, PretrainConfig, differences, dump_yaml, from_dict
+from .corpus import Corpus, CorpusError, settings_from_config
+from .losses import GramLoss, dino_cross_entropy, ibot_masked_cross_entropy, koleo_loss, sinkhorn_knopp
+from .model import (RUN_CHECKPOINT_FORMAT, Branch, build_branch, check_fits, initialise_branch, param_groups,
+                    read_starting_point)
+from .progress import MetricsLog, plot_metrics
+from .stream import ShardPlan, SliceStream
+
+log = logging.getLogger(__name__)
+
+RUN_CHECKPOINT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pth"
+
+
+class ResumeError(ValueError):
+    """A ``--resume`` that would not continue the same run."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN/inf loss or gradient; the run stops, the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------------------------------------
+# schedules
+# ---------------------------------------------------------------------------------------------
+def schedule_value(schedule, step: int, total: int) -> float:
+    """DINOv3's ``linear_warmup_cosine_decay`` at ``step``: linear from start to peak over the warm-up, then
+    lightly's `cosine_schedule` from peak to end over the remaining steps."""
+    warmup = min(schedule.warmup_iterations, total)
+    if step < warmup:
+        return schedule.start + (schedule.peak - schedule.start) * step / warmup
+    remaining = total - warmup
+    return cosine_schedule(min(step - warmup, max(remaining - 1, 0)), remaining, schedule.peak, schedule.end)
+
+
+def schedules_at(optim, step: int) -> dict:
+    total = optim.iterations
+    lr = schedule_value(optim.lr, step, total)
+    return {
+        "lr": lr,
+        "last_layer_lr": 0.0 if step < optim.freeze_last_layer_iterations else lr,
+        "weight_decay": schedule_value(optim.weight_decay, step, total),
+        "momentum": schedule_value(optim.momentum, step, total),
+        "teacher_temp": schedule_value(optim.teacher_temp, step, total),
+    }
+
+
+def apply_schedules(optimizer: torch.optim.Optimizer, values: dict) -> None:
+    for group in optimizer.param_groups:
+        base = values["last_layer_lr"] if group["is_last_layer"] else values["lr"]
+        group["lr"] = base * group["lr_multiplier"]
+        group["weight_decay"] = values["weight_decay"] * group["wd_multiplier"]
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed context
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: str | None = None) -> "DistContext":
+        """torchrun's RANK / WORLD_SIZE / LOCAL_RANK; a single process when they are absent."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
+        if use_cuda and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+        torch_device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(torch_device)
+        if world_size > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        return cls(rank, world_size, local_rank, torch_device)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on some rank."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world_size == 1 or not values:
+            return values
+        keys = sorted(values)
+        tensor = torch.tensor([float(values[k]) for k in keys], device=self.device, dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return {k: v / self.world_size for k, v in zip(keys, tensor.tolist())}
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state
+# ---------------------------------------------------------------------------------------------
+def rng_state(device: torch.device) -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+def load_run_checkpoint(path: str | os.PathLike) -> dict:
+    from meddinov3_nnunet.models.checkpoints import _torch_load
+
+    obj = _torch_load(str(path))
+    if not isinstance(obj, dict) or obj.get("format") != RUN_CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a pretraining run checkpoint (written by `meddinov3-nnunet pretrain`)")
+    if obj.get("format_version") != RUN_CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: run checkpoint version {obj.get('format_version')} is not supported by this "
+                              f"version of meddinov3-nnunet")
+    return obj
+
+
+class PretrainingRun:
+    """One stage of pretraining into ``output_dir``. `prepare` checks everything, `run` trains."""
+
+    def __init__(self, config: PretrainConfig, corpus_path: str | os.PathLike, output_dir: str | os.PathLike,
+                 resume: bool = False, device: str | None = None, progress: bool = True,
+                 context: DistContext | None = None):
+        self.config = config
+        self.corpus_path = str(corpus_path)
+        self.output_dir = Path(output_dir)
+        self.resume = resume
+        self.progress = progress
+        self.ctx = context or DistContext.from_env(device)
+        self.checkpoint_path = self.output_dir / CHECKPOINT_NAME
+        self.prepared = False
+
+    # -- checks ---------------------------------------------------------------------------------
+    def check(self) -> "PretrainingRun":
+        """Everything but the corpus: recipe, resume, --init and Gram-teacher checkpoints (cheap; run it before
+        building a corpus)."""
+        cfg = self.config
+        cfg.validate()
+        self.arch = preset(cfg.model.arch, cfg.model.flavour)
+        if cfg.optim.batch_size % self.ctx.world_size:
+            raise ConfigError(f"config value optim.batch_size: {cfg.optim.batch_size} is not divisible by the "
+                              f"{self.ctx.world_size} ranks; change it or the number of processes")
+        self.rank_batch = cfg.optim.batch_size // self.ctx.world_size
+        self.saved = None
+        if self.resume:
+            if not self.checkpoint_path.is_file():
+                raise ResumeError(f"--resume: {self.checkpoint_path} does not exist; nothing to resume in "
+                                  f"{self.output_dir}. Start the run without --resume.")
+            self.saved = load_run_checkpoint(self.checkpoint_path)
+            changed = differences(self.saved["config"], cfg.to_dict())
+            if changed:
+                raise ResumeError(
+                    f"--resume: the config differs from the one {self.checkpoint_path} was trained with:\n  "
+                    + "\n  ".join(changed[:20]) + "\nResume without --config/--set (the saved config is used), or "
+                    "start a new run (e.g. --init " + str(self.checkpoint_path) + " with the new config).")
+            if self.saved["world_size"] != self.ctx.world_size:
+                raise ResumeError(f"--resume: {self.checkpoint_path} was written by {self.saved['world_size']} "
+                                  f"rank(s), this launch has {self.ctx.world_size}; per-rank batches and data shards "
+                                  f"would change. Relaunch with {self.saved['world_size']} processes.")
+            self.corpus_path = self.saved["corpus"]["path"]
+        elif self.checkpoint_path.exists():
+            raise ResumeError(f"{self.output_dir} already holds a run ({self.checkpoint_path}); pass --resume to "
+                              f"continue it, or choose another --output.")
+        self.init_point = None
+        if cfg.model.init and not self.resume:
+            self.init_point = read_starting_point(cfg.model.init)
+            check_fits(self.init_point, self.arch, "--init (model.init)",
+                       f"Use a {cfg.model.arch} checkpoint or set model.arch to the checkpoint's size.")
+        self.gram_point = None
+        if cfg.gram.enabled:
+            if not cfg.gram.teacher:
+                raise ConfigError("gram.enabled needs a Gram teacher: pass --gram-teacher PATH (an earlier run "
+                                  "checkpoint such as RUN/checkpoint_step0040000.pth, or an encoder checkpoint)")
+            self.gram_point = read_starting_point(cfg.gram.teacher)
+            check_fits(self.gram_point, self.arch, "the Gram teacher (gram.teacher)",
+                       f"Use a {cfg.model.arch} checkpoint.")
+        self.checked = True
+        return self
+
+    def prepare(self) -> "PretrainingRun":
+        """`check`, then the corpus: its settings, and enough volumes for every data shard."""
+        if not getattr(self, "checked", False):
+            self.check()
+        cfg = self.config
+        self.corpus = Corpus.load(self.corpus_path, settings_from_config(cfg))
+        if self.saved is not None:
+            saved_totals = self.saved["corpus"]["slices"], self.saved["corpus"]["volumes"]
+            if saved_totals != (self.corpus.num_slices, len(self.corpus)):
+                raise ResumeError(f"--resume: the corpus {self.corpus_path} changed since the run started "
+                                  f"({saved_totals[1]} volumes / {saved_totals[0]} slices then, {len(self.corpus)} / "
+                                  f"{self.corpus.num_slices} now); resume needs the same corpus")
+        workers = cfg.data.num_workers
+        try:
+            ShardPlan(self.corpus.counts, 0, self.ctx.world_size * max(1, workers), cfg.data.chunk_volumes, cfg.train.seed)
+        except ValueError as err:
+            raise CorpusError(f"{self.corpus_path}: {err}") from None
+        self.prepared = True
+        return self
+
+    # -- construction ---------------------------------------------------------------------------
+    def build(self) -> None:
+        """Networks, optimiser and data loader (restored from the checkpoint on a resume)."""
+        if not self.prepared:
+            self.prepare()
+        cfg, ctx = self.config, self.ctx
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.student = build_branch(cfg)
+        self.init_notes = []
+        if self.init_point is not None:
+            self.init_notes = initialise_branch(self.student, self.init_point, cfg.model.init_heads)
+        self.teacher = copy.deepcopy(self.student)
+        self.teacher.requires_grad_(False)
+        self.gram_teacher = None
+        if self.gram_point is not None:
+            self.gram_teacher = DINOv3Encoder(self.arch)
+            load_into(self.gram_teacher, self.gram_point.checkpoint)
+            self.gram_teacher.requires_grad_(False).eval().to(ctx.device)
+        self.student.to(ctx.device).train()
+        self.teacher.to(ctx.device).eval()
+        self.optimizer = torch.optim.AdamW(param_groups(self.student, cfg.optim.layerwise_decay,
+                                                        cfg.optim.patch_embed_lr_mult),
+                                           betas=tuple(cfg.optim.adamw_betas))
+        self.start_step = 0
+        if self.saved is not None:
+            self.student.load_state_dict(self.saved["student"])
+            self.teacher.load_state_dict(self.saved["teacher"])
+            self.optimizer.load_state_dict(self.saved["optimizer"])
+            self.start_step = int(self.saved["step"])
+        self.model = self.student
+        if ctx.world_size > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                broadcast_buffers=False)
+        self.gram_loss = GramLoss(cfg.gram.remove_negatives)
+        self.loader = torch.utils.data.DataLoader(
+            SliceStream(self.corpus, self.rank_batch, augment.MultiCrop(cfg.crops),
+                        _Collate(self.arch.patch_size, cfg.ibot), seed=cfg.train.seed, rank=ctx.rank,
+                        world_size=ctx.world_size, num_workers=cfg.data.num_workers,
+                        chunk_volumes=cfg.data.chunk_volumes, start_step=self.start_step),
+            batch_size=None, num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+            pin_memory=ctx.device.type == "cuda", worker_init_fn=_worker_init,
+            generator=torch.Generator(),  # keeps the global RNG (drop path) untouched by loader start-up
+            prefetch_factor=2 if cfg.data.num_workers > 0 else None)
+        # per-rank randomness (drop path) after the shared initialisation, restored exactly on resume
+        if self.saved is not None:
+            set_rng_state(self.saved["rng"][ctx.rank], ctx.device)
+        else:
+            torch.manual_seed(cfg.train.seed * 1000 + ctx.rank + 1)
+
+    # -- one step ---------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.ctx.device.type == "cuda" and self.config.train.precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _step(self, batch: dict, values: dict) -> tuple[torch.Tensor, dict]:
+        cfg = self.config
+        device = self.ctx.device
+        global_crops = batch["global_crops"].to(device, non_blocking=True)
+        local_crops = batch["local_crops"].to(device, non_blocking=True)
+        masks = batch["masks"].to(device, non_blocking=True)
+        mask_indices = batch["mask_indices"].to(device, non_blocking=True)
+        n_global, n_images = 2, global_crops.shape[0] // 2
+        teacher_temp = values["teacher_temp"]
+        with self._autocast():
+            teacher = self.teacher.teacher_forward(global_crops, mask_indices)
+            teacher_cls = sinkhorn_knopp(teacher["global_cls_logits"], teacher_temp,
+                                         cfg.dino.sinkhorn_iterations).unflatten(0, (n_global, n_images))
+            teacher_patches = sinkhorn_knopp(teacher["masked_patch_logits"], teacher_temp, cfg.dino.sinkhorn_iterations,
+                                             n_samples=mask_indices.numel())
+            student = self.model(global_crops, local_crops, masks, mask_indices)
+            gram_targets = None
+            if self.gram_teacher is not None:
+                with torch.no_grad():
+                    gram_crops = batch["gram_crops"].to(device, non_blocking=True)
+                    features = self.gram_teacher.forward_features(
+                        gram_crops.expand(-1, self.arch.in_chans, -1, -1))["x_norm_patchtokens"]
+                gram_targets = self._to_student_grid(features, global_crops.shape[-1])
+
+        dino_cfg = cfg.dino
+        local_logits = student["local_cls_logits"].unflatten(0, (-1, n_images))
+        global_logits = student["global_cls_logits"].unflatten(0, (n_global, n_images))
+        n_local = local_logits.shape[0]
+        global_terms = n_global * (n_global - 1) if dino_cfg.global_ignore_diagonal else n_global ** 2
+        local_terms = n_global * n_local
+        dino_local = dino_cross_entropy(local_logits, teacher_cls, dino_cfg.student_temp)
+        dino_global = dino_cross_entropy(global_logits, teacher_cls, dino_cfg.student_temp,
+                                         ignore_diagonal=dino_cfg.global_ignore_diagonal)
+        # DINOv3's weighting: each part scaled by its share of (student, teacher) crop pairs
+        dino = (dino_local * local_terms * dino_cfg.local_loss_weight + dino_global * global_terms) / (
+            global_terms + local_terms)
+        koleo = sum(koleo_loss(cls) for cls in student["global_cls"].unflatten(0, (n_global, n_images))) / n_global
+        ibot = ibot_masked_cross_entropy(student["masked_patch_logits"], teacher_patches, masks,
+                                         dino_cfg.student_temp)
+        total = dino_cfg.loss_weight * dino + dino_cfg.koleo_loss_weight * n_global * koleo + cfg.ibot.loss_weight * ibot
+        parts = {"dino": dino, "dino_global": dino_global, "dino_local": dino_local, "ibot": ibot, "koleo": koleo}
+        if gram_targets is not None:
+            gram = self.gram_loss(student["global_patches"], gram_targets)
+            total = total + cfg.gram.loss_weight * gram
+            parts["gram"] = gram
+        parts["total"] = total
+        return total, {k: float(v.detach()) for k, v in parts.items()}
+
+    def _to_student_grid(self, features: torch.Tensor, student_size: int) -> torch.Tensor:
+        """Gram-teacher patch tokens (B, Ng, D) resized onto the student's grid (B, N, D), as DINOv3."""
+        cfg = self.config.gram
+        teacher_side = int(math.isqrt(features.shape[1]))
+        student_side = student_size // self.arch.patch_size
+        if teacher_side == student_side:
+            return features
+        grid = features.transpose(1, 2).unflatten(-1, (teacher_side, teacher_side)).float()
+        kwargs = {"align_corners": False} if cfg.resize_mode in ("bicubic", "bilinear") else {}
+        if cfg.resize_mode in ("bicubic", "bilinear"):
+            kwargs["antialias"] = cfg.resize_antialias
+        grid = F.interpolate(grid, size=(student_side, student_side), mode=cfg.resize_mode, **kwargs)
+        return grid.flatten(-2).transpose(1, 2)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> Path | None:
+        """Atomic ``checkpoint.pth`` after ``step`` completed steps (+ a kept copy every ``keep_every``)."""
+        ctx = self.ctx
+        state = rng_state(ctx.device)
+        fingerprint = self.weights_fingerprint()
+        states, fingerprints = [None] * ctx.world_size, [None] * ctx.world_size
+        if ctx.world_size > 1:
+            dist.all_gather_object(states, state)
+            dist.all_gather_object(fingerprints, fingerprint)
+        else:
+            states, fingerprints = [state], [fingerprint]
+        if any(not torch.equal(f, fingerprints[0]) for f in fingerprints):
+            raise RuntimeError(f"ranks hold different weights at step {step} (DDP out of sync); not saving")
+        if ctx.is_main:
+            payload = {
+                "format": RUN_CHECKPOINT_FORMAT, "format_version": RUN_CHECKPOINT_VERSION,
+                "step": step, "config": self.config.to_dict(), "arch": self.arch.to_dict(),
+                "world_size": ctx.world_size,
+                "corpus": {"path": os.path.abspath(self.corpus_path), "volumes": len(self.corpus),
+                           "slices": self.corpus.num_slices},
+                "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
+                "teacher": {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(),
+                "schedules": schedules_at(self.config.optim, max(step - 1, 0)),
+                "data_position": {"next_step": step, "samples_per_rank": step * self.rank_batch},
+                "rng": states,
+                "rank_fingerprints": fingerprints,  # per rank: (sum, sum of squares) of every student/teacher tensor
+            }
+            atomic_save(payload, self.checkpoint_path)
+            if step % self.config.train.keep_every == 0:
+                kept = self.output_dir / f"checkpoint_step{step:07d}.pth"
+                tmp = kept.with_name(f".{kept.name}.tmp")
+                shutil.copyfile(self.checkpoint_path, tmp)
+                os.replace(tmp, kept)
+        ctx.barrier()
+        return self.checkpoint_path if ctx.is_main else None
+
+    @torch.no_grad()
+    def weights_fingerprint(self) -> torch.Tensor:
+        """(sum, sum of squares) of every student and teacher tensor in float64: equal on all ranks iff in sync
+        (up to an astronomically unlikely collision)."""
+        tensors = list(self.student.state_dict().values()) + list(self.teacher.state_dict().values())
+        return torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in tensors]).cpu()
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def run(self, stop_at_step: int | None = None, time_limit_minutes: float | None = None) -> dict:
+        if not self.prepared:
+            self.prepare()
+        cfg, ctx = self.config, self.ctx
+        if not hasattr(self, "student"):
+            self.build()
+        total_steps = cfg.optim.iterations
+        stop = min(total_steps, stop_at_step) if stop_at_step is not None else total_steps
+        if ctx.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
+        ctx.barrier()
+        metrics = MetricsLog(self.output_dir / "metrics.jsonl", self.start_step) if ctx.is_main else None
+        bar = None
+        if ctx.is_main and self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total_steps, initial=self.start_step, desc=f"pretrain {cfg.name}", unit="step",
+                       dynamic_ncols=True, file=sys.stderr)
+        for note in self.init_notes:
+            log.info("init: %s", note)
+        started = time.time()
+        step = self.start_step
+        last_saved = self.start_step if self.resume else None
+        status = "completed"
+        iterator = iter(self.loader)
+        step_clock = time.time()
+        try:
+            while step < stop:
+                batch = next(iterator)
+                values = schedules_at(cfg.optim, step)
+                apply_schedules(self.optimizer, values)
+                total, parts = self._step(batch, values)
+                if ctx.any(not math.isfinite(parts["total"])):
+                    raise NonFiniteLossError(self._nan_message(step, parts, last_saved, "loss"))
+                self.optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                norms = {f"grad_norm_{name}": float(torch.nn.utils.clip_grad_norm_(
+                    getattr(self.student, name).parameters(), cfg.optim.clip_grad))
+                    for name in ("backbone", "dino_head", "ibot_head")}
+                if ctx.any(not all(math.isfinite(v) for v in norms.values())):
+                    raise NonFiniteLossError(self._nan_message(step, {**parts, **norms}, last_saved, "gradient"))
+                self.optimizer.step()
+                update_momentum(self.student, self.teacher, values["momentum"])
+                step += 1
+                now = time.time()
+                seconds, step_clock = now - step_clock, now
+                record = {"step": step - 1, **ctx.mean(parts), **values, **ctx.mean(norms),
+                          "gram_weight": cfg.gram.loss_weight if self.gram_teacher is not None else 0.0,
+                          "masked_tokens": int(batch["mask_indices"].numel()),
+                          "images_per_s": cfg.optim.batch_size / max(seconds, 1e-9), "step_seconds": seconds}
+                if metrics is not None:
+                    metrics.write(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['total']:.3f}", lr=f"{values['lr']:.2e}",
+                                    img_s=f"{record['images_per_s']:.0f}", refresh=False)
+                timed_out = ctx.any(time_limit_minutes is not None and (now - started) / 60 >= time_limit_minutes)
+                if step % cfg.train.checkpoint_every == 0 or step == stop or timed_out:
+                    self.save_checkpoint(step)
+                    last_saved = step
+                    if ctx.is_main:
+                        plot_metrics(self.output_dir / "metrics.jsonl", self.output_dir / "loss_curves.png",
+                                     title=f"{cfg.name}: {self.output_dir.name}")
+                if timed_out:
+                    status = "time_limit"
+                    break
+            if step < total_steps and status == "completed":
+                status = "stopped"
+            if last_saved != step:  # e.g. stop_at_step == start
+                self.save_checkpoint(step)
+        finally:
+            if bar is not None:
+                bar.close()
+            if metrics is not None:
+                metrics.close()
+            del iterator
+        elapsed = time.time() - started
+        done = step - self.start_step
+        return {"status": status, "step": step, "total_steps": total_steps, "steps_this_run": done,
+                "seconds": round(elapsed, 1),
+                "images_per_s": round(done * cfg.optim.batch_size / elapsed, 2) if elapsed > 0 and done else 0.0,
+                "checkpoint": str(self.checkpoint_path), "output_dir": str(self.output_dir)}
+
+    def _nan_message(self, step: int, values: dict, last_saved: int | None, what: str) -> str:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        kept = (f"the last good checkpoint {self.checkpoint_path} (after step {last_saved}) is kept"
+                if last_saved is not None else "no checkpoint had been written yet")
+        return (f"non-finite {what} at step {step} ({shown}); the run stopped and {kept}. Lower optim.lr.peak or "
+                f"check the data, then resume with --resume.")
+
+
+class _Collate:
+    """Picklable collate for the loader workers."""
+
+    def __init__(self, patch_size: int, ibot):
+        self.patch_size, self.ibot = patch_size, ibot
+
+    def __call__(self, samples, rng):
+        return augment.collate(samples, self.patch_size, self.ibot, rng)
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # loader workers decode and crop; leave the cores to the model
+
+
+def config_from_checkpoint(path: str | os.PathLike) -> PretrainConfig:
+    return from_dict(load_run_checkpoint(path)["config"], origin=str(path))

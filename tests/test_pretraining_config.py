@@ -1,0 +1,69 @@
+"""Pretraining recipes: the shipped stage configs, --set overrides and clear errors for keys/values that do not exist."""
+import pytest
+import yaml
+
+from meddinov3_nnunet.pretraining.config import (CONFIG_DIR, ConfigError, all_keys, apply_overrides, available_configs,
+                                                 differences, flatten, load_config)
+
+
+def test_every_shipped_recipe_loads_and_names_every_key():
+    assert {"stage1_pretrain", "stage2_gram_anchoring", "stage3_high_resolution", "tiny_cpu"} <= set(available_configs())
+    for name in available_configs():
+        values = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+        assert sorted(flatten(values)) == sorted(all_keys()), name  # nothing left to hidden defaults
+        load_config(name)
+
+
+def test_stage_recipes_carry_the_published_values():
+    stage1, stage2, stage3 = (load_config(n) for n in ("stage1_pretrain", "stage2_gram_anchoring", "stage3_high_resolution"))
+    assert (stage1.optim.lr.peak, stage2.optim.lr.peak, stage3.optim.lr.peak) == (2e-4, 5e-5, 2.5e-5)
+    assert (stage1.optim.iterations, stage1.optim.batch_size, stage1.model.arch) == (120000, 512, "vit_b16")
+    assert not stage1.gram.enabled and stage2.gram.enabled and stage3.gram.enabled
+    assert stage2.crops.gram_teacher_size == 2 * stage2.crops.global_size
+    assert stage3.crops.global_size > stage2.crops.global_size and stage3.crops.local_size > stage2.crops.local_size
+    assert stage1.corpus.ct_hu_window == [-1000.0, 1000.0] and stage1.corpus.ct_zscore == [65.108, 178.017]
+
+
+def test_set_overrides_parse_numbers_lists_and_booleans():
+    config = load_config("tiny_cpu", ["optim.lr.peak=1e-4", "crops.global_scale=[0.5, 1.0]", "gram.enabled=true",
+                                      "crops.gram_teacher_size=224", "model.init=/some/where.pth"])
+    assert config.optim.lr.peak == pytest.approx(1e-4)
+    assert config.crops.global_scale == [0.5, 1.0]
+    assert config.gram.enabled is True and config.crops.gram_teacher_size == 224
+    assert config.model.init == "/some/where.pth"
+    base = load_config("tiny_cpu")
+    assert base.optim.lr.peak == 5e-4  # apply_overrides leaves its input alone
+    assert apply_overrides(base, ["optim.lr.peak=2e-4"]).optim.lr.peak == 2e-4 and base.optim.lr.peak == 5e-4
+
+
+def test_an_unknown_key_is_a_clear_error_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim\.lr\.peek'.*Did you mean 'optim\.lr\.peak'"):
+        load_config("tiny_cpu", ["optim.lr.peek=1e-4"])
+
+
+def test_an_unknown_key_in_a_yaml_file_names_the_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("crops:\n  global_sise: 224\n")
+    with pytest.raises(ConfigError, match=r"mine\.yaml: unknown config key 'crops\.global_sise'"):
+        load_config(path)
+
+
+def test_bad_values_are_clear_errors():
+    with pytest.raises(ConfigError, match="crops.global_size must be an integer"):
+        load_config("tiny_cpu", ["crops.global_size=big"])
+    with pytest.raises(ConfigError, match="positive multiple of the patch size 16"):
+        load_config("tiny_cpu", ["crops.global_size=100"])
+    with pytest.raises(ConfigError, match=r"optim\.lr is a section.*optim\.lr\.peak"):
+        load_config("tiny_cpu", ["optim.lr=1e-4"])
+    with pytest.raises(ConfigError, match="gram.enabled needs the Gram-teacher crop size"):
+        load_config("tiny_cpu", ["gram.enabled=true"])
+    with pytest.raises(ConfigError, match="unknown config 'stage9'"):
+        load_config("stage9")
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config("tiny_cpu", ["optim.lr.peak"])
+
+
+def test_differences_lists_changed_recipe_keys_but_not_runtime_ones():
+    a = load_config("tiny_cpu")
+    b = apply_overrides(a, ["optim.lr.peak=1e-3", "train.checkpoint_every=7"])
+    assert differences(a.to_dict(), b.to_dict()) == ["optim.lr.peak: 0.0005 -> 0.001"]
