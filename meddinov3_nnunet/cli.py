@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect-checkpoint": ("meddinov3_nnunet.models.inspect_cmd",
                            "detect a checkpoint's format and architecture"),
     "demo": ("meddinov3_nnunet.demo", "run plan -> fine-tune -> predict -> evaluate on a small (synthetic) dataset"),
+    "evaluate": ("meddinov3_nnunet.evaluation.cli_evaluate", "DSC / NSD / HD95 of predicted label maps, per case and class"),
     "doctor": ("meddinov3_nnunet.doctor", "check versions, nnU-Net paths, trainer discovery and weights"),
     "plan": ("meddinov3_nnunet.plan_cmd", "add a ViT-aware 2D configuration to nnU-Net's plans and preprocess it"),
     "pretrain": ("meddinov3_nnunet.pretraining.pretrain_cmd", "pretrain a DINOv3 encoder on CT/MRI slices (MedDINOv3 stages 1-3)"),
