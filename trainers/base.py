@@ -30,26 +30,15 @@ from meddinov3_nnunet.models.network import MedDINOv3Net, build_network
 from meddinov3_nnunet.models.presets import preset
 from meddinov3_nnunet.planning import PLANS_KEY
 
+from .budget import EnvironmentBudget
 
-
-def _env_int(name: str, default):
-    value = os.environ.get(name)
-    if value in (None, ""):
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} must be a positive integer") from None
-    if number < 1:
-        raise ValueError(f"environment variable {name}={value!r} must be a positive integer")
-    return number
 
 
 def round_up_to_patch(size, patch: int = 16) -> list[int]:
     return [max(patch, -(-int(s) // patch) * patch) for s in size]
 
 
-class MedDINOv3Trainer(nnUNetTrainer):
+class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
     """ViT-B/16 (MedDINOv3 CT-3M weights) + multi-scale token aggregation decoder, 2D."""
 
     # architecture: also used at prediction time
@@ -66,41 +55,29 @@ class MedDINOv3Trainer(nnUNetTrainer):
 
     recipe = FinetuneRecipe()
 
-    # budget (nnU-Net's defaults); the MEDDINOV3_* environment variables override them
-    epochs = 1000
-    iterations_per_epoch = 250
-    val_iterations_per_epoch = 50
-    batch_size_override = None  # None: the plans' batch size
-    checkpoint_every = 50  # epochs between checkpoint_latest.pth saves (nnU-Net's default)
-
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        budget_notes = self._adapt_plans(plans, configuration)
+        notes = self._adapt_plans(plans, configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False
-        self.num_epochs = _env_int("MEDDINOV3_NUM_EPOCHS", self.epochs)
-        self.num_iterations_per_epoch = _env_int("MEDDINOV3_ITERS_PER_EPOCH", self.iterations_per_epoch)
-        self.num_val_iterations_per_epoch = _env_int("MEDDINOV3_VAL_ITERS", self.val_iterations_per_epoch)
-        self.save_every = self.checkpoint_every
+        self.apply_budget(notes)
         self.initial_lr = self.recipe.decoder_lr
         self.weight_decay = self.recipe.weight_decay
         if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
             # bf16 autocast needs no loss scaling; nnU-Net's autocast(...) calls pick this dtype up
             torch.set_autocast_dtype("cuda", torch.bfloat16)
             self.grad_scaler = None
-        for note in budget_notes:
-            self.print_to_log_file(note)
         self.print_to_log_file(
             f"{type(self).__name__}: encoder {self.encoder_preset} ({self.encoder_flavour} flavour), "
             f"{'multi-scale ' + str(self.tap_blocks or 'quarter-depth') if self.multiscale else 'single-scale'} "
-            f"decoder; {self.num_epochs} epochs x {self.num_iterations_per_epoch} iterations; {self.recipe}")
+            f"decoder; {self.recipe}")
 
     # -- plans ------------------------------------------------------------------------------------
     @classmethod
     def _adapt_plans(cls, plans: dict, configuration: str) -> list[str]:
         """Makes the configuration usable by a ViT/16 before nnU-Net reads it: patch size rounded up to
         multiples of 16 (written into the plans, so the results folder's plans.json and prediction use the
-        same size) and the batch size override. Returns log lines."""
+        same size), then the budget's batch size. Returns log lines."""
         if configuration not in plans.get("configurations", {}):
             raise ValueError(f"configuration {configuration!r} is not in the plans "
                              f"({sorted(plans.get('configurations', {}))}); run `meddinov3-nnunet plan` to add "
@@ -116,11 +93,7 @@ class MedDINOv3Trainer(nnUNetTrainer):
         if rounded != list(manager.patch_size):
             entry["patch_size"] = rounded
             notes.append(f"patch size {list(manager.patch_size)} rounded up to {rounded} (multiples of 16 for ViT/16)")
-        batch_size = _env_int("MEDDINOV3_BATCH_SIZE", cls.batch_size_override)
-        if batch_size is not None and batch_size != manager.batch_size:
-            entry["batch_size"] = batch_size
-            notes.append(f"batch size {manager.batch_size} -> {batch_size}")
-        return notes
+        return notes + cls.budget_plans(plans, configuration)
 
     # -- network ----------------------------------------------------------------------------------
     @classmethod

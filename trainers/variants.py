@@ -27,6 +27,16 @@ class MedDINOv3Trainer_scratch(MedDINOv3Trainer):
     recipe = FinetuneRecipe(encoder_lr=3e-4)
 
 
+class MedDINOv3Trainer_S_scratch(MedDINOv3Trainer_S):
+    """ViT-S/16 from scratch (CPU benchmark rows)."""
+    encoder_weights = "none"
+    recipe = FinetuneRecipe(encoder_lr=3e-4)
+
+
+class MedDINOv3Trainer_S_singlescale_scratch(MedDINOv3Trainer_S_scratch):
+    multiscale = False
+
+
 class DINOv3Trainer(MedDINOv3Trainer):
     """Meta's natural-image DINOv3 ViT-B/16 weights (registers kept), encoder lr 1e-4."""
     encoder_flavour = "meta"
