@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect-checkpoint": ("meddinov3_nnunet.models.inspect_cmd",
                            "detect a checkpoint's format and architecture"),
     "demo": ("meddinov3_nnunet.demo", "run plan -> fine-tune -> predict -> evaluate on a small (synthetic) dataset"),
+    "benchmark": ("meddinov3_nnunet.evaluation.cli_benchmark", "train, evaluate and tabulate several trainer rows under one budget"),
     "evaluate": ("meddinov3_nnunet.evaluation.cli_evaluate", "DSC / NSD / HD95 of predicted label maps, per case and class"),
     "doctor": ("meddinov3_nnunet.doctor", "check versions, nnU-Net paths, trainer discovery and weights"),
     "plan": ("meddinov3_nnunet.plan_cmd", "add a ViT-aware 2D configuration to nnU-Net's plans and preprocess it"),

@@ -48,13 +48,20 @@ def class_names_from_dataset_json(dataset_json: Path | None, gt_files: list[Path
     return {v: f"label_{v}" for v in sorted(values) if v > 0}
 
 
-def _match_cases(pred_dir: Path, gt_dir: Path, file_ending: str) -> list[str]:
-    def cases(folder: Path) -> set[str]:
+def _match_cases(pred_dir: Path, gt_dir: Path, file_ending: str, cases: list[str] | None = None) -> list[str]:
+    selected = cases
+
+    def cases_in(folder: Path) -> set[str]:
         if not folder.is_dir():
             raise EvaluationError(f"{folder} is not a folder")
         return {p.name[: -len(file_ending)] for p in folder.iterdir() if p.name.endswith(file_ending)}
 
-    predicted, truth = cases(pred_dir), cases(gt_dir)
+    predicted, truth = cases_in(pred_dir), cases_in(gt_dir)
+    if selected is not None:
+        absent = sorted(set(selected) - truth)
+        if absent:
+            raise EvaluationError(f"{gt_dir} has no ground truth for {len(absent)} case(s): {', '.join(absent[:10])}")
+        truth = set(selected)
     if not truth:
         raise EvaluationError(f"{gt_dir} has no *{file_ending} files (is --gt right, or set --file-ending)")
     missing, extra = sorted(truth - predicted), sorted(predicted - truth)
@@ -94,15 +101,16 @@ def _evaluate_case(args) -> tuple[str, dict]:
 
 def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, dataset_json: str | Path | None = None,
                      nsd_tolerance_mm: float = 1.0, out_dir: str | Path | None = None, num_processes: int = 2,
-                     file_ending: str | None = None) -> dict:
-    """Evaluates every ground-truth case; returns the summary dict (also written to ``out_dir``)."""
+                     file_ending: str | None = None, cases: list[str] | None = None) -> dict:
+    """Evaluates every ground-truth case (or only ``cases``); returns the summary dict (also written to
+    ``out_dir``)."""
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     if dataset_json is not None and not Path(dataset_json).is_file():
         raise EvaluationError(f"{dataset_json}: no such dataset.json")
     if file_ending is None:
         file_ending = json.loads(Path(dataset_json).read_text()).get("file_ending", ".nii.gz") if dataset_json \
             else ".nii.gz"
-    cases = _match_cases(pred_dir, gt_dir, file_ending)
+    cases = _match_cases(pred_dir, gt_dir, file_ending, cases)
     class_names = class_names_from_dataset_json(
         Path(dataset_json) if dataset_json else None, [gt_dir / f"{c}{file_ending}" for c in cases])
     jobs = [(c, pred_dir / f"{c}{file_ending}", gt_dir / f"{c}{file_ending}", list(class_names), nsd_tolerance_mm)

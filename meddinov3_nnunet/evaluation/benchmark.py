@@ -1,0 +1,348 @@
+"""`meddinov3-nnunet benchmark`: nnU-Net trainings of several trainer/configuration rows under one budget,
+evaluated on the same validation folds, collected into paper-style tables and plots.
+
+For each row and fold it runs (or resumes with ``--c``, or re-validates with ``--val``) ``nnUNetv2_train`` in a
+subprocess, then evaluates ``fold_F/validation`` against nnU-Net's ``gt_segmentations`` with
+`evaluate_folders`. A row is finished when its ``checkpoint_final.pth`` and its evaluation exist; re-running
+skips finished work, ``--collect-only`` runs nothing. Learning curves and timings are parsed from nnU-Net's
+training logs (no checkpoint is unpickled). Peak memory is the largest resident set of the training process
+tree (``ru_maxrss`` of a wrapper that runs only that row).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from .folder_evaluation import evaluate_folders, format_cell
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+class BenchmarkError(ValueError):
+    """Bad benchmark input; the message says what to fix."""
+
+
+def load_preset(name_or_path: str) -> dict:
+    path = Path(name_or_path) if name_or_path.endswith(".json") else PRESET_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise BenchmarkError(f"unknown benchmark preset {name_or_path!r}; choose one of "
+                             f"{sorted(p.stem for p in PRESET_DIR.glob('*.json'))} or give a .json file")
+    return json.loads(path.read_text())
+
+
+@dataclass(frozen=True)
+class Row:
+    trainer: str
+    configuration: str
+    plans: str = "nnUNetPlans"
+    label: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> "Row":
+        """``TRAINER:CONFIGURATION[:PLANS][=LABEL]``."""
+        spec, _, label = text.partition("=")
+        parts = spec.split(":")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise BenchmarkError(f"row {text!r} must look like TRAINER:CONFIGURATION[:PLANS][=LABEL]")
+        return cls(*parts, label=label.strip() or spec)
+
+    @property
+    def folder_name(self) -> str:  # nnU-Net's results folder of this row
+        return f"{self.trainer}__{self.plans}__{self.configuration}"
+
+
+# ---------------------------------------------------------------------------------------------
+# nnU-Net logs
+# ---------------------------------------------------------------------------------------------
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+): (.*)$")
+
+
+def parse_training_logs(fold_dir: Path) -> dict:
+    """Per-epoch train/val loss, pseudo Dice and epoch time, plus validation inference timing, from every
+    ``training_log_*.txt`` of a fold (several when a run was resumed)."""
+    curves = {"train_loss": {}, "val_loss": {}, "pseudo_dice": {}, "epoch_seconds": {}}
+    predicting, validation_done, epoch = [], None, None
+    for log in sorted(fold_dir.glob("training_log_*.txt")):
+        for line in log.read_text(errors="replace").splitlines():
+            match = _STAMP.match(line.strip())
+            if not match:
+                continue
+            stamp, message = datetime.fromisoformat(match.group(1)), match.group(2).strip()
+            if message.startswith("Epoch ") and message[6:].strip().isdigit():
+                epoch = int(message[6:])
+            elif message.startswith("train_loss") and epoch is not None:
+                curves["train_loss"][epoch] = float(message.split()[-1])
+            elif message.startswith("val_loss") and epoch is not None:
+                curves["val_loss"][epoch] = float(message.split()[-1])
+            elif message.startswith("Pseudo dice") and epoch is not None:
+                listed = message.split("dice", 1)[1].replace("np.float32(", "").replace(")", "")
+                values = [float(v) for v in re.findall(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?", listed)]
+                curves["pseudo_dice"][epoch] = float(np.mean(values)) if values else math.nan
+            elif message.startswith("Epoch time:") and epoch is not None:
+                curves["epoch_seconds"][epoch] = float(message.split(":")[1].split()[0])
+            elif message.startswith("predicting "):
+                predicting.append(stamp)
+            elif message.startswith("Validation complete"):
+                validation_done = stamp
+    result = {key: [values[e] for e in sorted(values)] for key, values in curves.items()}
+    if predicting and validation_done:
+        result["inference_seconds_per_case"] = (validation_done - predicting[0]).total_seconds() / len(predicting)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------------
+_WRAPPER = ("import json, resource, subprocess, sys, time; t = time.time(); "
+            "rc = subprocess.run(sys.argv[2:]).returncode; "
+            "json.dump({'returncode': rc, 'wall_seconds': time.time() - t, "
+            "'max_rss_mib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}, open(sys.argv[1], 'w'))")
+
+
+class Benchmark:
+    def __init__(self, dataset: str, rows: list[Row], folds: list[int], preset: dict, out_dir: Path,
+                 device: str | None = None, log=print):
+        from meddinov3_nnunet.planning import find_dataset_name
+
+        self.dataset = find_dataset_name(dataset)
+        self.rows, self.folds, self.preset = rows, folds, preset
+        self.out_dir, self.device, self.log = out_dir, device or preset.get("device", "cpu"), log
+        self.results_root = Path(os.environ["nnUNet_results"]) / self.dataset
+        self.preprocessed = Path(os.environ["nnUNet_preprocessed"]) / self.dataset
+        self.commands: list[str] = []
+
+    # -- environment of the trainings -----------------------------------------------------------
+    def env(self, row: Row) -> dict:
+        import meddinov3_nnunet
+
+        # the preset alone sets the budget: inherited budget variables would make rows differ silently
+        budget_names = ("MEDDINOV3_NUM_EPOCHS", "MEDDINOV3_ITERS_PER_EPOCH", "MEDDINOV3_VAL_ITERS", "MEDDINOV3_BATCH_SIZE")
+        env = {k: v for k, v in os.environ.items() if k not in budget_names}
+        folders = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+        if meddinov3_nnunet.ext_trainer_dir() not in folders:
+            folders.append(meddinov3_nnunet.ext_trainer_dir())
+        env["nnUNet_extTrainer"] = os.pathsep.join(folders)
+        env.update({k: str(v) for k, v in self.preset.get("budget", {}).items()})
+        batch = self.preset.get("batch_size", {}).get(row.configuration)
+        if batch:
+            env["MEDDINOV3_BATCH_SIZE"] = str(batch)
+        return env
+
+    def _run(self, command: list[str], env: dict, log_file: Path, stats_file: Path | None = None) -> dict:
+        self.commands.append(" ".join(f"{k}={v}" for k, v in env.items() if k.startswith("MEDDINOV3_"))
+                             + (" " if any(k.startswith("MEDDINOV3_") for k in env) else "") + " ".join(command))
+        self.log(f"$ {self.commands[-1]}")
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        stats_file = stats_file or log_file.with_suffix(".stats.json")
+        with open(log_file, "a") as handle:
+            process = subprocess.run([sys.executable, "-c", _WRAPPER, str(stats_file), *command], env=env,
+                                     stdout=handle, stderr=subprocess.STDOUT)
+        stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {"returncode": process.returncode}
+        if stats["returncode"] != 0:
+            raise RuntimeError(f"{' '.join(command)} failed (exit {stats['returncode']}); see {log_file}")
+        return stats
+
+    @staticmethod
+    def _tool(name: str) -> str:
+        candidate = Path(sys.executable).parent / name
+        return str(candidate) if candidate.exists() else name
+
+    # -- preparation ----------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """nnU-Net planning/preprocessing for the rows' configurations, the ViT-aware plan, and nnU-Net's
+        default 5-fold split (so that pretraining can use the training cases of a fold before any training)."""
+        log_file = self.out_dir / "logs" / "prepare.log"
+        env = self.env(Row("x", "2d"))
+        configurations = sorted({r.configuration for r in self.rows})
+        stock = [c for c in configurations if c in ("2d", "3d_fullres", "3d_lowres")]
+        plans_file = self.preprocessed / "nnUNetPlans.json"
+        missing = [c for c in stock if not (self.preprocessed / f"nnUNetPlans_{c}").is_dir()]
+        if not plans_file.is_file() or missing:
+            self._run([self._tool("nnUNetv2_plan_and_preprocess"), "-d", self.dataset[7:10], "-c",
+                       *(missing or stock or ["2d"]), "-np", "2"], env, log_file)
+        for configuration in configurations:
+            plans = json.loads(plans_file.read_text())
+            if configuration not in plans["configurations"]:
+                self._run([sys.executable, "-m", "meddinov3_nnunet.cli", "plan", "-d", self.dataset, "-c",
+                           configuration, "--preset", self.preset.get("plan_preset", "default")], env, log_file)
+        ensure_default_splits(self.preprocessed)
+
+    # -- one row / fold -------------------------------------------------------------------------
+    def fold_dir(self, row: Row, fold: int) -> Path:
+        return self.results_root / row.folder_name / f"fold_{fold}"
+
+    def row_out(self, row: Row, fold: int) -> Path:
+        return self.out_dir / "rows" / row.folder_name / f"fold_{fold}"
+
+    def train(self, row: Row, fold: int) -> None:
+        fold_dir, out = self.fold_dir(row, fold), self.row_out(row, fold)
+        command = [self._tool("nnUNetv2_train"), self.dataset[7:10], row.configuration, str(fold), "-tr", row.trainer,
+                   "-p", row.plans, "-device", self.device]
+        if (fold_dir / "checkpoint_final.pth").is_file():
+            if (fold_dir / "validation" / "summary.json").is_file():
+                self.log(f"[{row.label} fold {fold}] trained and validated: skipped")
+                return
+            self._run(command + ["--val"], self.env(row), out / "train.log", out / "validation.stats.json")
+            return
+        if (fold_dir / "checkpoint_latest.pth").is_file():
+            command.append("--c")
+        self._run(command, self.env(row), out / "train.log", out / "train.stats.json")
+
+    def evaluate(self, row: Row, fold: int) -> dict:
+        out = self.row_out(row, fold)
+        if (out / "summary.json").is_file():
+            return json.loads((out / "summary.json").read_text())
+        validation_cases = json.loads((self.preprocessed / "splits_final.json").read_text())[fold]["val"]
+        return evaluate_folders(self.fold_dir(row, fold) / "validation", self.preprocessed / "gt_segmentations",
+                                self.preprocessed / "dataset.json", self.preset.get("nsd_tolerance_mm", 1.0), out,
+                                num_processes=2, cases=validation_cases)
+
+    def run(self, collect_only: bool = False) -> dict:
+        if not collect_only:
+            self.prepare()
+        collected = {}
+        for row in self.rows:
+            for fold in self.folds:
+                if not collect_only:
+                    self.log(f"[{row.label} fold {fold}] {datetime.now():%H:%M:%S}")
+                    self.train(row, fold)
+                if not (self.fold_dir(row, fold) / "validation").is_dir():
+                    self.log(f"[{row.label} fold {fold}] no validation predictions yet: left out of the table")
+                    continue
+                collected[(row, fold)] = self.collect(row, fold)
+        if self.commands:
+            with open(self.out_dir / "commands.txt", "a") as handle:
+                handle.write(f"# {datetime.now():%Y-%m-%d %H:%M}\n" + "\n".join(self.commands) + "\n")
+        return write_outputs(collected, self.out_dir, self.preset)
+
+    def collect(self, row: Row, fold: int) -> dict:
+        summary = self.evaluate(row, fold)
+        out = self.row_out(row, fold)
+        logs = parse_training_logs(self.fold_dir(row, fold))
+        stats = json.loads((out / "train.stats.json").read_text()) if (out / "train.stats.json").is_file() else {}
+        budget = self.preset.get("budget", {})
+        iterations = int(budget.get("MEDDINOV3_ITERS_PER_EPOCH", 250))
+        train_seconds = sum(logs["epoch_seconds"])
+        return {"row": row, "fold": fold, "summary": summary, "curves": logs, "stats": stats,
+                "epochs": len(logs["train_loss"]), "iterations_per_epoch": iterations,
+                "iterations_per_second": len(logs["epoch_seconds"]) * iterations / train_seconds if train_seconds else math.nan}
+
+
+def ensure_default_splits(preprocessed: Path) -> None:
+    """Writes nnU-Net's default 5-fold split (same function, same seed as nnUNetTrainer.do_split) if missing."""
+    split_file = preprocessed / "splits_final.json"
+    if split_file.is_file():
+        return
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    configuration_dirs = [p for p in preprocessed.iterdir() if p.is_dir() and p.name.startswith("nnUNetPlans_")]
+    identifiers = sorted({p.name.split(".")[0] for d in configuration_dirs for p in d.iterdir()
+                          if p.name.endswith((".b2nd", ".npz", ".pkl")) and not p.name.endswith("_seg.b2nd")})
+    if not identifiers:
+        raise BenchmarkError(f"{preprocessed}: no preprocessed cases to split")
+    split_file.write_text(json.dumps(generate_crossval_split(identifiers, seed=12345, n_splits=5), indent=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# tables and plots
+# ---------------------------------------------------------------------------------------------
+def write_outputs(collected: dict, out_dir: Path, preset: dict) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not collected:
+        return {}
+    first = next(iter(collected.values()))["summary"]
+    classes = list(first["per_class"])
+    header = (["method", "trainer", "configuration", "fold"] + [f"DSC {c}" for c in classes]
+              + ["DSC mean", "NSD mean", "HD95 mean (mm)", "epochs x iterations", "nnUNetv2_train wall (min)",
+                 "train it/s", "inference s/case", "peak RSS (MiB)"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    records = []
+    for (row, fold), item in collected.items():
+        summary, stats = item["summary"], item["stats"]
+        cells = [row.label, row.trainer, row.configuration, str(fold)]
+        cells += [format_cell(summary["per_class"][c]["dsc"], "dsc") for c in classes]
+        cells += [format_cell(summary["overall"][m], m) for m in ("dsc", "nsd", "hd95")]
+        wall = stats.get("wall_seconds", math.nan) / 60
+        cells += [f"{item['epochs']} x {item['iterations_per_epoch']}", f"{wall:.1f}",
+                  f"{item['iterations_per_second']:.2f}",
+                  f"{item['curves'].get('inference_seconds_per_case', math.nan):.2f}",
+                  f"{stats.get('max_rss_mib', math.nan):.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+        records.append({"label": row.label, "trainer": row.trainer, "configuration": row.configuration, "fold": fold,
+                        "summary": {k: summary[k] for k in ("per_class", "overall", "num_cases", "nsd_tolerance_mm")},
+                        "curves": item["curves"], "stats": stats, "epochs": item["epochs"],
+                        "iterations_per_epoch": item["iterations_per_epoch"],
+                        "iterations_per_second": item["iterations_per_second"]})
+    note = (f"DSC and NSD in % (NSD tolerance {first['nsd_tolerance_mm']:g} mm), mean ± sd over the "
+            f"{first['num_cases']} validation cases; means are class-averaged. Wall time: the whole nnUNetv2_train "
+            f"call (start-up, training, final validation). it/s: training iterations per second of epoch time "
+            f"(epoch time includes nnU-Net's per-epoch validation batches). Inference: seconds per validation case "
+            f"(sliding window with mirroring, export). Peak RSS: largest process of the training. "
+            f"Budget: {preset.get('description', '')}")
+    table = "\n".join(lines) + "\n\n" + note + "\n"
+    (out_dir / "table.md").write_text(table)
+    (out_dir / "table.csv").write_text("\n".join(
+        ",".join(f'"{c}"' for c in line.strip("| ").split(" | ")) for line in lines if not line.startswith("|---")) + "\n")
+    (out_dir / "results.json").write_text(json.dumps(records, indent=1, allow_nan=True))
+    plot_results(collected, out_dir, classes)
+    return {"table": table, "records": records}
+
+
+def plot_results(collected: dict, out_dir: Path, classes: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{row.label}" + (f" (fold {fold})" if len({f for _, f in collected}) > 1 else "")
+              for row, fold in collected]
+    per_case = [[np.mean([case[c]["dsc"] for c in classes]) for case in item["summary"]["per_case"].values()]
+                for item in collected.values()]
+    figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4.5))
+    axis.boxplot(per_case, showmeans=True)
+    axis.set_xticks(range(1, len(labels) + 1), [label.replace(", ", ",\n") for label in labels], fontsize=7)
+    axis.set_ylabel("class-averaged DSC per validation case")
+    axis.set_ylim(0, 1)
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out_dir / "dsc_boxplot.png", dpi=120)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (row, fold), item in collected.items():
+        curves = item["curves"]
+        line, = axes[0].plot(curves["train_loss"], label=f"{row.label} train")
+        axes[0].plot(curves["val_loss"], linestyle="--", color=line.get_color())
+        axes[1].plot(curves["pseudo_dice"], label=row.label, color=line.get_color())
+    axes[0].set(xlabel="epoch", ylabel="loss (Dice + CE; dashed: validation)")
+    axes[1].set(xlabel="epoch", ylabel="pseudo Dice (nnU-Net's online validation)", ylim=(0, 1))
+    axes[1].legend(fontsize=7)
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out_dir / "learning_curves.png", dpi=120)
+    plt.close(figure)
+
+
+def run_benchmark(dataset: str, preset_name: str, rows: list[str] | None, folds: list[int] | None, out_dir: str,
+                  device: str | None = None, collect_only: bool = False) -> dict:
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        if not os.environ.get(name):
+            raise BenchmarkError(f"environment variable {name} is not set (nnU-Net's paths)")
+    preset = load_preset(preset_name)
+    parsed = [Row.parse(text) for text in (rows or preset["rows"])]
+    benchmark = Benchmark(dataset, parsed, folds or preset.get("folds", [0]), preset, Path(out_dir), device)
+    started = time.time()
+    result = benchmark.run(collect_only=collect_only)
+    print(f"benchmark: {time.time() - started:.0f} s; outputs in {out_dir}")
+    return result
