@@ -40,6 +40,7 @@ def test_presets_share_one_budget_for_every_row():
     cpu = load_preset("cpu")
     assert cpu["budget"] == {"MEDDINOV3_NUM_EPOCHS": 10, "MEDDINOV3_ITERS_PER_EPOCH": 50, "MEDDINOV3_VAL_ITERS": 5}
     assert {Row.parse(r).configuration for r in cpu["rows"]} == {"2d", "3d_fullres", "2d_meddinov3"}
+    assert "MedDINOv3Trainer_tiny:2d" in " ".join(cpu["rows"])
     assert load_preset("gpu")["budget"] == {} and load_preset("gpu")["plan_preset"] == "default"
     with pytest.raises(BenchmarkError, match="unknown benchmark preset 'fast'"):
         load_preset("fast")

@@ -49,12 +49,22 @@ class MedDINOv3Trainer_5epochs(MedDINOv3Trainer):
     epochs = 5
 
 
-class MedDINOv3Trainer_smoke(MedDINOv3Trainer):
+class MedDINOv3Trainer_tiny(MedDINOv3Trainer):
+    """Tiny encoder (96 dim, 4 blocks, 3 heads): the size the pretraining module's tiny_cpu preset trains."""
+    encoder_preset = "vit_tiny16"
+    drop_path_rate = 0.0
+    weights_hint = "a tiny encoder exported by `meddinov3-nnunet export` (pretraining config tiny_cpu)"
+
+
+class MedDINOv3Trainer_tiny_scratch(MedDINOv3Trainer_tiny):
+    encoder_weights = "none"
+    recipe = FinetuneRecipe(encoder_lr=3e-4)
+
+
+class MedDINOv3Trainer_smoke(MedDINOv3Trainer_tiny):
     """Tiny encoder, a few iterations: checks an install or a pipeline on a CPU in about a minute.
     Loads encoder weights when some are configured (e.g. a tiny pretraining export), else random."""
-    encoder_preset = "vit_tiny16"
     encoder_weights = "optional"
-    drop_path_rate = 0.0
     epochs = 3
     iterations_per_epoch = 12
     val_iterations_per_epoch = 2

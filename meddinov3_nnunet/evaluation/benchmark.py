@@ -335,7 +335,7 @@ def plot_results(collected: dict, out_dir: Path, classes: list[str]) -> None:
 
 
 def run_benchmark(dataset: str, preset_name: str, rows: list[str] | None, folds: list[int] | None, out_dir: str,
-                  device: str | None = None, collect_only: bool = False) -> dict:
+                  device: str | None = None, collect_only: bool = False, prepare_only: bool = False) -> dict:
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         if not os.environ.get(name):
             raise BenchmarkError(f"environment variable {name} is not set (nnU-Net's paths)")
@@ -343,6 +343,10 @@ def run_benchmark(dataset: str, preset_name: str, rows: list[str] | None, folds:
     parsed = [Row.parse(text) for text in (rows or preset["rows"])]
     benchmark = Benchmark(dataset, parsed, folds or preset.get("folds", [0]), preset, Path(out_dir), device)
     started = time.time()
+    if prepare_only:
+        benchmark.prepare()
+        print(f"prepared {benchmark.dataset}: splits in {benchmark.preprocessed / 'splits_final.json'}")
+        return {}
     result = benchmark.run(collect_only=collect_only)
     print(f"benchmark: {time.time() - started:.0f} s; outputs in {out_dir}")
     return result

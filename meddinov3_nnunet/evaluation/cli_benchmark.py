@@ -14,6 +14,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out", default="benchmark_results", help="output folder for tables and plots")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="nnU-Net -device (default: the preset's)")
     parser.add_argument("--collect-only", action="store_true", help="run nothing; tabulate what is finished")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="only plan/preprocess the configurations and write nnU-Net's default splits_final.json "
+                             "(e.g. to pretrain on a fold's training cases first)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = run_benchmark(args.dataset, args.preset, args.rows, args.folds, args.out, args.device,
-                               args.collect_only)
+                               args.collect_only, args.prepare_only)
     except (BenchmarkError, RuntimeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -115,7 +115,7 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, dataset_json: str
         Path(dataset_json) if dataset_json else None, [gt_dir / f"{c}{file_ending}" for c in cases])
     jobs = [(c, pred_dir / f"{c}{file_ending}", gt_dir / f"{c}{file_ending}", list(class_names), nsd_tolerance_mm)
             for c in cases]
-    if num_processes > 1 and len(jobs) > 1:
+    if num_processes > 1 and len(jobs) >= 8:  # below that, starting worker processes costs more than it saves
         with ProcessPoolExecutor(num_processes) as pool:
             per_case = dict(pool.map(_evaluate_case, jobs))
     else:
