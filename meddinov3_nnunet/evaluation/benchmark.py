@@ -122,16 +122,22 @@ class Benchmark:
         self.commands: list[str] = []
 
     # -- environment of the trainings -----------------------------------------------------------
-    def env(self, row: Row) -> dict:
+    def base_env(self) -> dict:
+        """The user's environment with this plugin's trainer folder and without inherited budget variables
+        (the preset alone sets the budget, or rows would differ silently)."""
         import meddinov3_nnunet
 
-        # the preset alone sets the budget: inherited budget variables would make rows differ silently
         budget_names = ("MEDDINOV3_NUM_EPOCHS", "MEDDINOV3_ITERS_PER_EPOCH", "MEDDINOV3_VAL_ITERS", "MEDDINOV3_BATCH_SIZE")
         env = {k: v for k, v in os.environ.items() if k not in budget_names}
         folders = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
         if meddinov3_nnunet.ext_trainer_dir() not in folders:
             folders.append(meddinov3_nnunet.ext_trainer_dir())
         env["nnUNet_extTrainer"] = os.pathsep.join(folders)
+        return env
+
+    def env(self, row: Row) -> dict:
+        """Environment of one row's training: the preset's budget and the configuration's batch size."""
+        env = self.base_env()
         env.update({k: str(v) for k, v in self.preset.get("budget", {}).items()})
         batch = self.preset.get("batch_size", {}).get(row.configuration)
         if batch:
@@ -162,7 +168,7 @@ class Benchmark:
         """nnU-Net planning/preprocessing for the rows' configurations, the ViT-aware plan, and nnU-Net's
         default 5-fold split (so that pretraining can use the training cases of a fold before any training)."""
         log_file = self.out_dir / "logs" / "prepare.log"
-        env = self.env(Row("x", "2d"))
+        env = self.base_env()
         configurations = sorted({r.configuration for r in self.rows})
         stock = [c for c in configurations if c in ("2d", "3d_fullres", "3d_lowres")]
         plans_file = self.preprocessed / "nnUNetPlans.json"
