@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .folder_evaluation import evaluate_folders, format_cell
+from .folder_evaluation import _write_atomic, evaluate_folders, format_cell
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -150,10 +150,18 @@ class Benchmark:
         self.log(f"$ {self.commands[-1]}")
         log_file.parent.mkdir(parents=True, exist_ok=True)
         stats_file = stats_file or log_file.with_suffix(".stats.json")
+        # a stale file must not pass for this run's result; a resumed run (--c) adds to the earlier attempts
+        earlier = json.loads(stats_file.read_text()) if stats_file.is_file() and "--c" in command else None
+        stats_file.unlink(missing_ok=True)
         with open(log_file, "a") as handle:
             process = subprocess.run([sys.executable, "-c", _WRAPPER, str(stats_file), *command], env=env,
                                      stdout=handle, stderr=subprocess.STDOUT)
         stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {"returncode": process.returncode}
+        if earlier and "wall_seconds" in stats:
+            stats.update(wall_seconds=stats["wall_seconds"] + earlier.get("wall_seconds", 0.0),
+                         max_rss_mib=max(stats["max_rss_mib"], earlier.get("max_rss_mib", 0.0)),
+                         attempts=earlier.get("attempts", 1) + 1)
+            _write_atomic(stats_file, json.dumps(stats))
         if stats["returncode"] != 0:
             raise RuntimeError(f"{' '.join(command)} failed (exit {stats['returncode']}); see {log_file}")
         return stats
@@ -205,8 +213,11 @@ class Benchmark:
         self._run(command, self.env(row), out / "train.log", out / "train.stats.json")
 
     def evaluate(self, row: Row, fold: int) -> dict:
-        out = self.row_out(row, fold)
-        if (out / "summary.json").is_file():
+        out, validation = self.row_out(row, fold), self.fold_dir(row, fold) / "validation"
+        # reuse an evaluation only if it is newer than every file of the validation folder (a row trained or
+        # validated again must not keep the numbers of its previous predictions)
+        newest_prediction = max((p.stat().st_mtime for p in validation.iterdir()), default=0.0)
+        if (out / "summary.json").is_file() and (out / "summary.json").stat().st_mtime >= newest_prediction:
             return json.loads((out / "summary.json").read_text())
         validation_cases = json.loads((self.preprocessed / "splits_final.json").read_text())[fold]["val"]
         return evaluate_folders(self.fold_dir(row, fold) / "validation", self.preprocessed / "gt_segmentations",

@@ -1,0 +1,70 @@
+"""benchmark re-runs: an evaluation is reused only while it is newer than the fold's predictions, and a
+resumed training (--c) reports the cost of all its attempts; a fresh run replaces old stats."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from meddinov3_nnunet.evaluation.benchmark import Benchmark, Row
+
+
+def write_label(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(sitk.GetImageFromArray(array.astype(np.uint8)), str(path))
+
+
+@pytest.fixture
+def one_row(tmp_path, monkeypatch):
+    for name in ("raw", "preprocessed", "results"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv(f"nnUNet_{name}", str(tmp_path / name))
+    pre = tmp_path / "preprocessed" / "Dataset011_Resume"
+    pre.mkdir()
+    (pre / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1}, "file_ending": ".nii.gz"}))
+    (pre / "splits_final.json").write_text(json.dumps([{"train": ["c0"], "val": ["c1"]}]))
+    truth = np.zeros((4, 12, 12))
+    truth[1:3, 2:8, 2:8] = 1
+    write_label(pre / "gt_segmentations" / "c1.nii.gz", truth)
+    row = Row.parse("nnUNetTrainer_budget:2d=U-Net")
+    benchmark = Benchmark("11", [row], [0], {"budget": {}}, tmp_path / "out", log=lambda *a: None)
+    return benchmark, row, truth
+
+
+def test_evaluation_is_redone_when_the_predictions_are_newer(one_row):
+    benchmark, row, truth = one_row
+    validation = benchmark.fold_dir(row, 0) / "validation"
+    write_label(validation / "c1.nii.gz", truth)
+    assert benchmark.evaluate(row, 0)["per_class"]["a"]["dsc"]["mean"] == pytest.approx(1.0)
+    assert benchmark.evaluate(row, 0)["per_class"]["a"]["dsc"]["mean"] == pytest.approx(1.0)  # reused
+    retrained = np.zeros_like(truth)
+    retrained[1:3, 2:8, 2:5] = 1  # half of the square
+    write_label(validation / "c1.nii.gz", retrained)
+    later = os.stat(benchmark.row_out(row, 0) / "summary.json").st_mtime + 5
+    os.utime(validation / "c1.nii.gz", (later, later))
+    assert benchmark.evaluate(row, 0)["per_class"]["a"]["dsc"]["mean"] == pytest.approx(2 * 36 / (36 + 72))
+
+
+def test_resumed_training_adds_up_its_attempts(one_row, tmp_path):
+    benchmark, _, _ = one_row
+    stats_file = tmp_path / "row" / "train.stats.json"
+    stats_file.parent.mkdir()
+    stats_file.write_text(json.dumps({"returncode": 1, "wall_seconds": 100.0, "max_rss_mib": 1e9}))
+    resumed = benchmark._run([sys.executable, "-c", "pass", "--c"], dict(os.environ), tmp_path / "row" / "train.log",
+                             stats_file)
+    assert resumed["returncode"] == 0 and resumed["attempts"] == 2
+    assert 100.0 < resumed["wall_seconds"] < 160.0 and resumed["max_rss_mib"] == 1e9
+    assert json.loads(stats_file.read_text()) == resumed
+
+
+def test_a_fresh_run_replaces_old_stats_and_a_failure_names_its_log(one_row, tmp_path):
+    benchmark, _, _ = one_row
+    stats_file = tmp_path / "train.stats.json"
+    stats_file.write_text(json.dumps({"returncode": 0, "wall_seconds": 1.0, "max_rss_mib": 1.0}))
+    fresh = benchmark._run([sys.executable, "-c", "pass"], dict(os.environ), tmp_path / "train.log", stats_file)
+    assert fresh["wall_seconds"] < 60 and "attempts" not in fresh  # a new run, not added to the old file
+    with pytest.raises(RuntimeError, match=r"failed \(exit 3\); see .*train.log"):
+        benchmark._run([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), tmp_path / "train.log",
+                       stats_file)
