@@ -91,12 +91,19 @@ def parse_training_logs(fold_dir: Path) -> dict:
             elif message.startswith("Epoch time:") and epoch is not None:
                 curves["epoch_seconds"][epoch] = float(message.split(":")[1].split()[0])
             elif message.startswith("predicting "):
+                if validation_done is not None:  # a later validation (--val) replaces an earlier one
+                    predicting, validation_done = [], None
                 predicting.append(stamp)
             elif message.startswith("Validation complete"):
                 validation_done = stamp
     result = {key: [values[e] for e in sorted(values)] for key, values in curves.items()}
     if predicting and validation_done:
-        result["inference_seconds_per_case"] = (validation_done - predicting[0]).total_seconds() / len(predicting)
+        # per case: the median gap between consecutive "predicting" lines (sliding window, mirroring and the
+        # hand-off to the export workers); the first gap also holds the export pool's start, and the time after
+        # the last case nnU-Net's metric computation, so the total is reported separately
+        result["validation_seconds"] = (validation_done - predicting[0]).total_seconds()
+        gaps = np.diff([p.timestamp() for p in predicting])
+        result["inference_seconds_per_case"] = float(np.median(gaps)) if gaps.size else result["validation_seconds"]
     return result
 
 
