@@ -131,3 +131,20 @@ def test_cli_writes_reports_to_out_and_leaves_predictions_alone(tmp_path):
     assert summary["per_class"]["label_1"]["dsc"]["mean"] == pytest.approx(0.8)
     assert summary["per_class"]["label_1"]["hd95"]["mean"] == pytest.approx(2.0)
     assert "| **mean (class-averaged)** | 80.00 | 72.13 | 2.00 |" in (tmp_path / "report" / "summary.md").read_text()
+
+
+def test_reports_are_written_whole_with_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from meddinov3_nnunet.evaluation.folder_evaluation import _write_atomic
+
+    previous = os.umask(0o022)
+    try:
+        _write_atomic(tmp_path / "summary.md", "table\n")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "summary.md").stat().st_mode) == 0o644
+    with pytest.raises(TypeError):
+        _write_atomic(tmp_path / "summary.md", None)  # a failed write leaves the old file and no temporary
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.md"] and (tmp_path / "summary.md").read_text() == "table\n"

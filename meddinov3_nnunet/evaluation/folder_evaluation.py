@@ -25,11 +25,24 @@ class EvaluationError(ValueError):
     """Inputs that cannot be evaluated; the message names the case(s) and the fix."""
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_atomic(path: Path, text: str) -> None:
+    """Temporary file in the same folder, then rename: readers see the old file or the new one, never half.
+    mkstemp creates 0600 files; reports get the permissions a plain open() would give them."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o666 & ~_current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def class_names_from_dataset_json(dataset_json: Path | None, gt_files: list[Path]) -> dict[int, str]:
