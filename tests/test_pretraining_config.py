@@ -3,7 +3,7 @@ import pytest
 import yaml
 
 from meddinov3_nnunet.pretraining.config import (CONFIG_DIR, ConfigError, all_keys, apply_overrides, available_configs,
-                                                 differences, flatten, load_config)
+                                                 differences, encoder_arch, flatten, load_config)
 
 
 def test_every_shipped_recipe_loads_and_names_every_key():
@@ -67,3 +67,11 @@ def test_differences_lists_changed_recipe_keys_but_not_runtime_ones():
     a = load_config("tiny_cpu")
     b = apply_overrides(a, ["optim.lr.peak=1e-3", "train.checkpoint_every=7"])
     assert differences(a.to_dict(), b.to_dict()) == ["optim.lr.peak: 0.0005 -> 0.001"]
+
+
+def test_the_tiny_preset_starts_layerscale_at_one_and_the_stage_recipes_keep_dinov3s_value():
+    assert encoder_arch(load_config("tiny_cpu")).layerscale_init == 1.0
+    stage1 = encoder_arch(load_config("stage1_pretrain"))
+    assert stage1.layerscale_init == 1e-5 and (stage1.embed_dim, stage1.depth, stage1.qkv_bias) == (768, 12, False)
+    with pytest.raises(ConfigError, match="model.layerscale_init"):
+        load_config("tiny_cpu", ["model.layerscale_init=0"])

@@ -29,6 +29,7 @@ class ModelConfig:
     arch: str = "vit_b16"  # encoder preset (meddinov3_nnunet.models.presets)
     flavour: str = "meddinov3"  # 'meddinov3' (no qkv bias) or 'meta'
     drop_path_rate: float = 0.3
+    layerscale_init: typing.Optional[float] = None  # None: the preset's 1e-5; only matters without --init
     init: typing.Optional[str] = None  # encoder/teacher/run checkpoint to start from; None = random init
     init_heads: bool = True  # also take dino_head/ibot_head from --init when it carries them
     grad_checkpointing: bool = False
@@ -169,6 +170,16 @@ _PAIRS = {
 }
 # Keys that describe where a run writes or how fast it goes, not what it learns: a resume may change them.
 RUNTIME_KEYS = {"train.checkpoint_every", "train.keep_every"}
+
+
+def encoder_arch(config: "PretrainConfig"):
+    """The encoder architecture a recipe trains (preset + flavour + LayerScale init)."""
+    from meddinov3_nnunet.models.presets import preset
+
+    arch = preset(config.model.arch, config.model.flavour)
+    if config.model.layerscale_init is not None:
+        arch = arch.replace(layerscale_init=config.model.layerscale_init)
+    return arch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,6 +341,8 @@ def _validate(config: PretrainConfig) -> None:
             fail(key, f"needs {length} numbers, got {flat[key]}")
     if config.model.arch not in SIZES:
         fail("model.arch", f"unknown preset {config.model.arch!r}; choose one of {sorted(SIZES)}")
+    if config.model.layerscale_init is not None and config.model.layerscale_init <= 0:
+        fail("model.layerscale_init", "must be positive (or null for the preset's value)")
     if config.model.flavour not in FLAVOURS:
         fail("model.flavour", f"choose one of {sorted(FLAVOURS)}")
     for key in ("crops.global_size", "crops.local_size"):

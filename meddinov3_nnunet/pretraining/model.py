@@ -18,7 +18,9 @@ from torch import nn
 from meddinov3_nnunet.models.checkpoints import (CheckpointError, EncoderCheckpoint, _describe, _torch_load,
                                                  isclose_arch, load_into, read_checkpoint)
 from meddinov3_nnunet.models.encoder import DINOv3Encoder
-from meddinov3_nnunet.models.presets import EncoderArch, preset
+from meddinov3_nnunet.models.presets import EncoderArch
+
+from .config import encoder_arch
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +118,7 @@ class Branch(nn.Module):
 
 
 def build_branch(config) -> Branch:
-    arch = preset(config.model.arch, config.model.flavour)
+    arch = encoder_arch(config)
     backbone = DINOv3Encoder(arch, drop_path_rate=config.model.drop_path_rate)
     if config.model.grad_checkpointing:
         backbone.set_grad_checkpointing(True)

@@ -32,10 +32,9 @@ from lightly.utils.scheduler import cosine_schedule
 
 from meddinov3_nnunet.models.checkpoints import CheckpointError, atomic_save, load_into
 from meddinov3_nnunet.models.encoder import DINOv3Encoder
-from meddinov3_nnunet.models.presets import preset
 
 from . import augment
-from .config import ConfigError, PretrainConfig, differences, dump_yaml, from_dict
+from .config import ConfigError, PretrainConfig, differences, dump_yaml, encoder_arch, from_dict
 from .corpus import Corpus, CorpusError, settings_from_config
 from .losses import GramLoss, dino_cross_entropy, ibot_masked_cross_entropy, koleo_loss, sinkhorn_knopp
 from .model import (RUN_CHECKPOINT_FORMAT, Branch, build_branch, check_fits, initialise_branch, param_groups,
@@ -201,7 +200,7 @@ class PretrainingRun:
         building a corpus)."""
         cfg = self.config
         cfg.validate()
-        self.arch = preset(cfg.model.arch, cfg.model.flavour)
+        self.arch = encoder_arch(cfg)
         if cfg.optim.batch_size % self.ctx.world_size:
             raise ConfigError(f"config value optim.batch_size: {cfg.optim.batch_size} is not divisible by the "
                               f"{self.ctx.world_size} ranks; change it or the number of processes")
