@@ -274,7 +274,7 @@ def ensure_default_splits(preprocessed: Path) -> None:
                           if p.name.endswith((".b2nd", ".npz", ".pkl")) and not p.name.endswith("_seg.b2nd")})
     if not identifiers:
         raise BenchmarkError(f"{preprocessed}: no preprocessed cases to split")
-    split_file.write_text(json.dumps(generate_crossval_split(identifiers, seed=12345, n_splits=5), indent=1))
+    _write_atomic(split_file, json.dumps(generate_crossval_split(identifiers, seed=12345, n_splits=5), indent=1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,12 +314,46 @@ def write_outputs(collected: dict, out_dir: Path, preset: dict) -> dict:
             f"(sliding window with mirroring, export). Peak RSS: largest process of the training. "
             f"Budget: {preset.get('description', '')}")
     table = "\n".join(lines) + "\n\n" + note + "\n"
-    (out_dir / "table.md").write_text(table)
-    (out_dir / "table.csv").write_text("\n".join(
-        ",".join(f'"{c}"' for c in line.strip("| ").split(" | ")) for line in lines if not line.startswith("|---")) + "\n")
-    (out_dir / "results.json").write_text(json.dumps(records, indent=1, allow_nan=True))
+    _write_atomic(out_dir / "table.md", table)
+    _write_atomic(out_dir / "table.csv", table_csv(records))
+    _write_atomic(out_dir / "results.json", json.dumps(records, indent=1, allow_nan=True))
     plot_results(collected, out_dir, classes)
     return {"table": table, "records": records}
+
+
+CSV_COLUMNS = ["label", "trainer", "configuration", "fold", "class", "metric", "mean", "sd", "n", "undefined",
+               "epochs", "iterations_per_epoch", "train_wall_seconds", "train_iterations_per_second",
+               "inference_seconds_per_case", "validation_seconds", "peak_rss_mib"]
+
+
+def table_csv(records: list[dict]) -> str:
+    """Long, numeric form of the table: one line per row, fold, class (and "mean" for the class average) and
+    metric; DSC and NSD as fractions, HD95 in mm; the row's timing columns repeated on each of its lines."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(CSV_COLUMNS)
+    for record in records:
+        stats, curves = record["stats"], record["curves"]
+        timing = [record["epochs"], record["iterations_per_epoch"], stats.get("wall_seconds", math.nan),
+                  record["iterations_per_second"], curves.get("inference_seconds_per_case", math.nan),
+                  curves.get("validation_seconds", math.nan), stats.get("max_rss_mib", math.nan)]
+        groups = list(record["summary"]["per_class"].items()) + [("mean", record["summary"]["overall"])]
+        for name, metrics in groups:
+            for metric, entry in metrics.items():
+                writer.writerow([record["label"], record["trainer"], record["configuration"], record["fold"], name,
+                                 metric, f"{entry['mean']:.6g}", f"{entry['sd']:.6g}", entry.get("n", ""),
+                                 entry.get("undefined", "")] + [f"{v:.6g}" if isinstance(v, float) else v
+                                                                 for v in timing])
+    return text.getvalue()
+
+
+def _save_figure(figure, path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    figure.savefig(temporary, format="png", dpi=120)
+    os.replace(temporary, path)
 
 
 def plot_results(collected: dict, out_dir: Path, classes: list[str]) -> None:
@@ -339,7 +373,7 @@ def plot_results(collected: dict, out_dir: Path, classes: list[str]) -> None:
     axis.set_ylim(0, 1)
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
-    figure.savefig(out_dir / "dsc_boxplot.png", dpi=120)
+    _save_figure(figure, out_dir / "dsc_boxplot.png")
     plt.close(figure)
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -354,7 +388,7 @@ def plot_results(collected: dict, out_dir: Path, classes: list[str]) -> None:
     for axis in axes:
         axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(out_dir / "learning_curves.png", dpi=120)
+    _save_figure(figure, out_dir / "learning_curves.png")
     plt.close(figure)
 
 
