@@ -110,12 +110,6 @@ def parse_training_logs(fold_dir: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # running
 # ---------------------------------------------------------------------------------------------
-_WRAPPER = ("import json, resource, subprocess, sys, time; t = time.time(); "
-            "rc = subprocess.run(sys.argv[2:]).returncode; "
-            "json.dump({'returncode': rc, 'wall_seconds': time.time() - t, "
-            "'max_rss_mib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}, open(sys.argv[1], 'w'))")
-
-
 class Benchmark:
     def __init__(self, dataset: str, rows: list[Row], folds: list[int], preset: dict, out_dir: Path,
                  device: str | None = None, log=print):
@@ -161,12 +155,15 @@ class Benchmark:
         earlier = json.loads(stats_file.read_text()) if stats_file.is_file() and "--c" in command else None
         stats_file.unlink(missing_ok=True)
         with open(log_file, "a") as handle:
-            process = subprocess.run([sys.executable, "-c", _WRAPPER, str(stats_file), *command], env=env,
+            process = subprocess.run([sys.executable, "-m", "meddinov3_nnunet.evaluation.process_monitor",
+                                      str(stats_file), *command], env=env,
                                      stdout=handle, stderr=subprocess.STDOUT)
         stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {"returncode": process.returncode}
         if earlier and "wall_seconds" in stats:
             stats.update(wall_seconds=stats["wall_seconds"] + earlier.get("wall_seconds", 0.0),
                          max_rss_mib=max(stats["max_rss_mib"], earlier.get("max_rss_mib", 0.0)),
+                         gpu_peak_mib=max((v for v in (stats.get("gpu_peak_mib"), earlier.get("gpu_peak_mib"))
+                                           if v is not None), default=None),
                          attempts=earlier.get("attempts", 1) + 1)
             _write_atomic(stats_file, json.dumps(stats))
         if stats["returncode"] != 0:
@@ -289,6 +286,8 @@ def write_outputs(collected: dict, out_dir: Path, preset: dict) -> dict:
     header = (["method", "trainer", "configuration", "fold"] + [f"DSC {c}" for c in classes]
               + ["DSC mean", "NSD mean", "HD95 mean (mm)", "epochs x iterations", "nnUNetv2_train wall (min)",
                  "train it/s", "inference s/case", "peak RSS (MiB)"])
+    with_gpu = any(item["stats"].get("gpu_peak_mib") is not None for item in collected.values())
+    header += ["peak GPU memory (MiB)"] if with_gpu else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     records = []
     for (row, fold), item in collected.items():
@@ -301,6 +300,8 @@ def write_outputs(collected: dict, out_dir: Path, preset: dict) -> dict:
                   f"{item['iterations_per_second']:.2f}",
                   f"{item['curves'].get('inference_seconds_per_case', math.nan):.2f}",
                   f"{stats.get('max_rss_mib', math.nan):.0f}"]
+        if with_gpu:
+            cells.append(f"{stats['gpu_peak_mib']:.0f}" if stats.get("gpu_peak_mib") is not None else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
         records.append({"label": row.label, "trainer": row.trainer, "configuration": row.configuration, "fold": fold,
                         "summary": {k: summary[k] for k in ("per_class", "overall", "num_cases", "nsd_tolerance_mm")},
@@ -312,7 +313,8 @@ def write_outputs(collected: dict, out_dir: Path, preset: dict) -> dict:
             f"call (start-up, training, final validation). it/s: training iterations per second of epoch time "
             f"(epoch time includes nnU-Net's per-epoch validation batches). Inference: seconds per validation case "
             f"(sliding window with mirroring, export). Peak RSS: largest process of the training. "
-            f"Budget: {preset.get('description', '')}")
+            + ("Peak GPU memory: nvidia-smi, the training's processes summed, CUDA context included. " if with_gpu else "")
+            + f"Budget: {preset.get('description', '')}")
     table = "\n".join(lines) + "\n\n" + note + "\n"
     _write_atomic(out_dir / "table.md", table)
     _write_atomic(out_dir / "table.csv", table_csv(records))
@@ -323,7 +325,7 @@ def write_outputs(collected: dict, out_dir: Path, preset: dict) -> dict:
 
 CSV_COLUMNS = ["label", "trainer", "configuration", "fold", "class", "metric", "mean", "sd", "n", "undefined",
                "epochs", "iterations_per_epoch", "train_wall_seconds", "train_iterations_per_second",
-               "inference_seconds_per_case", "validation_seconds", "peak_rss_mib"]
+               "inference_seconds_per_case", "validation_seconds", "peak_rss_mib", "peak_gpu_mib"]
 
 
 def table_csv(records: list[dict]) -> str:
@@ -339,7 +341,8 @@ def table_csv(records: list[dict]) -> str:
         stats, curves = record["stats"], record["curves"]
         timing = [record["epochs"], record["iterations_per_epoch"], stats.get("wall_seconds", math.nan),
                   record["iterations_per_second"], curves.get("inference_seconds_per_case", math.nan),
-                  curves.get("validation_seconds", math.nan), stats.get("max_rss_mib", math.nan)]
+                  curves.get("validation_seconds", math.nan), stats.get("max_rss_mib", math.nan),
+                  stats.get("gpu_peak_mib") if stats.get("gpu_peak_mib") is not None else ""]
         groups = list(record["summary"]["per_class"].items()) + [("mean", record["summary"]["overall"])]
         for name, metrics in groups:
             for metric, entry in metrics.items():
