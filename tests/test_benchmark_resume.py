@@ -68,3 +68,13 @@ def test_a_fresh_run_replaces_old_stats_and_a_failure_names_its_log(one_row, tmp
     with pytest.raises(RuntimeError, match=r"failed \(exit 3\); see .*train.log"):
         benchmark._run([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), tmp_path / "train.log",
                        stats_file)
+
+
+def test_cpu_rows_get_few_nnunet_workers_unless_the_user_chose(one_row, monkeypatch):
+    benchmark, row, _ = one_row
+    monkeypatch.delenv("nnUNet_n_proc_DA", raising=False)
+    monkeypatch.setenv("nnUNet_def_n_proc", "6")
+    env = benchmark.env(row)
+    assert int(env["nnUNet_n_proc_DA"]) <= 2 and env["nnUNet_def_n_proc"] == "6"
+    benchmark.device = "cuda"
+    assert "nnUNet_n_proc_DA" not in benchmark.env(row)

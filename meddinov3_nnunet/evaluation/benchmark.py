@@ -134,6 +134,12 @@ class Benchmark:
         if meddinov3_nnunet.ext_trainer_dir() not in folders:
             folders.append(meddinov3_nnunet.ext_trainer_dir())
         env["nnUNet_extTrainer"] = os.pathsep.join(folders)
+        if self.device == "cpu":
+            # nnU-Net's own defaults (12 augmentation workers capped at the core count, 8 spawned export and
+            # preprocessing workers) oversubscribe a small CPU machine; the user's values win
+            workers = str(min(2, os.cpu_count() or 1))
+            env.setdefault("nnUNet_n_proc_DA", workers)
+            env.setdefault("nnUNet_def_n_proc", workers)
         return env
 
     def env(self, row: Row) -> dict:
