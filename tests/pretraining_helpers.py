@@ -6,6 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+import pytest
+import torch
+
 from meddinov3_nnunet.pretraining.config import load_config
 
 # A recipe that trains in well under a second per step on a CPU: 32 px global / 16 px local crops, tiny heads.
@@ -86,3 +89,13 @@ def dicom_series(folder: Path, array: np.ndarray, modality: str = "CT", series_u
         writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
         writer.Execute(image)
     return folder
+
+
+@pytest.fixture(autouse=True, scope="module")  # module scope: also covers module-scoped runs
+def one_torch_thread():
+    """Tiny models run fastest single-threaded; with 2 threads on busy shared cores OpenMP waits dominate
+    (measured 10-15x slower). Import this fixture into a test module to apply it there."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

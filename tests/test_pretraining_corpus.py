@@ -11,6 +11,7 @@ from meddinov3_nnunet.pretraining.corpus import (Corpus, CorpusError, Source, bu
                                                  settings_from_config)
 from meddinov3_nnunet.pretraining.stream import ShardPlan, SliceStream
 
+from pretraining_helpers import one_torch_thread  # noqa: F401  (autouse: one torch thread)
 from pretraining_helpers import ct_volume, dicom_series, mri_volume, nnunet_dataset, tiny_config, write_volume
 
 SETTINGS = settings_from_config(tiny_config())

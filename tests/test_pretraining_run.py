@@ -19,6 +19,7 @@ from meddinov3_nnunet.pretraining.model import initialise_branch, read_starting_
 from meddinov3_nnunet.pretraining.train import (NonFiniteLossError, PretrainingRun, ResumeError, load_run_checkpoint,
                                                 schedules_at)
 
+from pretraining_helpers import one_torch_thread  # noqa: F401  (autouse: one torch thread)
 from pretraining_helpers import TINY_TEST_OVERRIDES, ct_volume, tiny_config, write_volume
 
 

@@ -180,7 +180,7 @@ def load_run_checkpoint(path: str | os.PathLike) -> dict:
 
 
 class PretrainingRun:
-    """One stage of pretraining into ``output_dir``. `prepare` checks everything, `run` trains."""
+    """One stage of pretraining into ``output_dir``: `check` (inputs), `prepare` (+ corpus), `build`, `run`."""
 
     def __init__(self, config: PretrainConfig, corpus_path: str | os.PathLike, output_dir: str | os.PathLike,
                  resume: bool = False, device: str | None = None, progress: bool = True,
@@ -308,6 +308,7 @@ class PretrainingRun:
         # per-rank randomness (drop path) after the shared initialisation, restored exactly on resume
         if self.saved is not None:
             set_rng_state(self.saved["rng"][ctx.rank], ctx.device)
+            self.saved = None  # the loaded weights and optimiser state now live in the modules; free the copy
         else:
             torch.manual_seed(cfg.train.seed * 1000 + ctx.rank + 1)
 
