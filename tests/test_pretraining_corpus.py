@@ -19,12 +19,13 @@ SETTINGS = settings_from_config(tiny_config())
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    """A CT folder (NIfTI + MHA + a DICOM series + a damaged file + a label folder) and an nnU-Net MRI dataset."""
+    """A CT folder (NIfTI + MHA + NRRD + a DICOM series + a damaged file + a label folder) and an nnU-Net MRI dataset."""
     root = tmp_path_factory.mktemp("corpus")
     rng = np.random.default_rng(0)
     ct = root / "ct"
     write_volume(ct / "patient1.nii.gz", ct_volume(rng), spacing=(0.8, 0.8, 2.0))
     write_volume(ct / "sub" / "patient2.mha", ct_volume(rng, slices=5, empty_slices=2))
+    write_volume(ct / "sub" / "patient4.nrrd", ct_volume(rng, slices=3))
     dicom_series(ct / "dicom" / "patient3", ct_volume(rng, slices=4))
     (ct / "broken.nii.gz").write_bytes(b"\x1f\x8b this is not a volume")
     write_volume(ct / "labelsTr" / "patient1.nii.gz", np.ones((6, 40, 48), np.uint8))  # never read
@@ -40,8 +41,8 @@ def test_a_corpus_reads_folders_dicom_and_nnunet_datasets_and_names_skipped_file
     on_disk = json.loads((tmp_path / "corpus.json").read_text())
     assert on_disk["totals"] == manifest["totals"]
     cases = {v["case"]: v for v in manifest["volumes"]}
-    # CT folder: NIfTI, MHA in a sub folder, one DICOM series; labelsTr never read; the damaged file skipped
-    assert {"patient1", "sub/patient2", "dicom/patient3"} <= set(cases)
+    # CT folder: NIfTI, MHA and NRRD in a sub folder, one DICOM series; labelsTr never read; the damaged file skipped
+    assert {"patient1", "sub/patient2", "sub/patient4", "dicom/patient3"} == {c for c in cases if "toy" not in c}
     assert all("labelsTr" not in v["path"] for v in manifest["volumes"])
     assert [s["path"] for s in manifest["skipped"]] == [str(ct / "broken.nii.gz")]
     assert manifest["skipped"][0]["reason"].startswith("unreadable")

@@ -37,7 +37,7 @@ from . import augment
 from .config import ConfigError, PretrainConfig, differences, dump_yaml, encoder_arch, from_dict
 from .corpus import Corpus, CorpusError, settings_from_config
 from .losses import GramLoss, dino_cross_entropy, ibot_masked_cross_entropy, koleo_loss, sinkhorn_knopp
-from .model import (RUN_CHECKPOINT_FORMAT, Branch, build_branch, check_fits, initialise_branch, param_groups,
+from .model import (RUN_CHECKPOINT_FORMAT, build_branch, check_fits, initialise_branch, param_groups,
                     read_starting_point)
 from .progress import MetricsLog, plot_metrics
 from .stream import ShardPlan, SliceStream
