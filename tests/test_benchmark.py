@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
+from fake_nnunet import nnunet_paths, write_label
 from meddinov3_nnunet.evaluation.benchmark import (Benchmark, BenchmarkError, Row, load_preset,
                                                    parse_training_logs)
 
@@ -54,17 +54,10 @@ def test_training_logs_give_curves_and_inference_time(tmp_path):
     assert curves["inference_seconds_per_case"] == pytest.approx(4.0)
 
 
-def write_label(path, array):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(sitk.GetImageFromArray(array.astype(np.uint8)), str(path))
-
-
 @pytest.fixture
 def finished_tree(tmp_path, monkeypatch):
     """A dataset whose two rows already trained: checkpoints, validation predictions, logs, run stats."""
-    for name in ("raw", "preprocessed", "results"):
-        (tmp_path / name).mkdir()
-        monkeypatch.setenv(f"nnUNet_{name}", str(tmp_path / name))
+    nnunet_paths(tmp_path, monkeypatch)
     pre = tmp_path / "preprocessed" / "Dataset009_Fake"
     (pre / "nnUNetPlans_2d").mkdir(parents=True)
     (pre / "nnUNetPlans.json").write_text(json.dumps({"configurations": {"2d": {}, "2d_meddinov3": {}}}))

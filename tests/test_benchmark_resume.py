@@ -6,21 +6,14 @@ import sys
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
+from fake_nnunet import nnunet_paths, write_label
 from meddinov3_nnunet.evaluation.benchmark import Benchmark, Row
-
-
-def write_label(path, array):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(sitk.GetImageFromArray(array.astype(np.uint8)), str(path))
 
 
 @pytest.fixture
 def one_row(tmp_path, monkeypatch):
-    for name in ("raw", "preprocessed", "results"):
-        (tmp_path / name).mkdir()
-        monkeypatch.setenv(f"nnUNet_{name}", str(tmp_path / name))
+    nnunet_paths(tmp_path, monkeypatch)
     pre = tmp_path / "preprocessed" / "Dataset011_Resume"
     pre.mkdir()
     (pre / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1}, "file_ending": ".nii.gz"}))
