@@ -112,8 +112,12 @@ def test_folder_evaluation_writes_every_report(folders):
     assert per_case[0] == "case,class,dsc,nsd,hd95" and len(per_case) == 1 + 3 * 2
     assert "| liver | 90.00 ± 10.00 |" in (folders / "out" / "summary.md").read_text()
     assert "overall (class-averaged),dsc,0.45" in (folders / "out" / "summary.csv").read_text()
-    assert json.loads((folders / "out" / "summary.json").read_text())["per_case"]["case_1"]["liver"]["dsc"] == \
-        pytest.approx(0.9)
+    def refuse_nan(constant):
+        raise AssertionError(f"summary.json is not strict JSON: {constant}")
+
+    strict = json.loads((folders / "out" / "summary.json").read_text(), parse_constant=refuse_nan)
+    assert strict["per_case"]["case_1"]["liver"]["dsc"] == pytest.approx(0.9)
+    assert strict["per_case"]["case_1"]["tumour"]["hd95"] is None  # undefined: never predicted
 
 
 def test_missing_and_extra_cases_are_named(folders):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .folder_evaluation import _write_atomic, evaluate_folders, format_cell
+from .folder_evaluation import _write_atomic, evaluate_folders, format_cell, load_summary, strict_json
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -228,7 +228,7 @@ class Benchmark:
         # validated again must not keep the numbers of its previous predictions)
         newest_prediction = max((p.stat().st_mtime for p in validation.iterdir()), default=0.0)
         if (out / "summary.json").is_file() and (out / "summary.json").stat().st_mtime >= newest_prediction:
-            return json.loads((out / "summary.json").read_text())
+            return load_summary(out / "summary.json")
         validation_cases = json.loads((self.preprocessed / "splits_final.json").read_text())[fold]["val"]
         return evaluate_folders(self.fold_dir(row, fold) / "validation", self.preprocessed / "gt_segmentations",
                                 self.preprocessed / "dataset.json", self.preset.get("nsd_tolerance_mm", 1.0), out,
@@ -324,7 +324,7 @@ def write_outputs(collected: dict, out_dir: Path, preset: dict) -> dict:
     table = "\n".join(lines) + "\n\n" + note + "\n"
     _write_atomic(out_dir / "table.md", table)
     _write_atomic(out_dir / "table.csv", table_csv(records))
-    _write_atomic(out_dir / "results.json", json.dumps(records, indent=1, allow_nan=True))
+    _write_atomic(out_dir / "results.json", json.dumps(strict_json(records), indent=1, allow_nan=False))
     plot_results(collected, out_dir, classes)
     return {"table": table, "records": records}
 

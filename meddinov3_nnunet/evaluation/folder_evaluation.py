@@ -45,6 +45,31 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def strict_json(value):
+    """NaN and infinities -> None, so that the JSON files are standard JSON (null = undefined)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def load_summary(path: Path) -> dict:
+    """A summary.json written by `write_reports`, with its nulls (undefined values) back as NaN."""
+    def restore(value):
+        if value is None:
+            return math.nan
+        if isinstance(value, dict):
+            return {k: restore(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [restore(v) for v in value]
+        return value
+
+    return restore(json.loads(Path(path).read_text()))
+
+
 def class_names_from_dataset_json(dataset_json: Path | None, gt_files: list[Path]) -> dict[int, str]:
     """{label value: name} of the foreground classes; without dataset.json, the values found in the ground truth."""
     if dataset_json is not None:
@@ -143,7 +168,7 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, dataset_json: str
 
 
 def write_reports(summary: dict, out_dir: Path) -> None:
-    _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=1, allow_nan=True))
+    _write_atomic(out_dir / "summary.json", json.dumps(strict_json(summary), indent=1, allow_nan=False))
     rows = io.StringIO()
     writer = csv.writer(rows)
     writer.writerow(["case", "class", "dsc", "nsd", "hd95"])
