@@ -72,28 +72,29 @@ class CropsConfig:
 
 
 @dataclass
-class DinoConfig:
+class HeadLossConfig:
+    """A projection head (DINOv3 ``DINOHead``: MLP -> bottleneck -> prototypes) and its loss weight."""
+
     loss_weight: float = 1.0
-    local_loss_weight: float = 1.0  # DINOv3's `reweight_dino_local_loss` (0.5 in its Gram/high-res stages)
-    global_ignore_diagonal: bool = True
     head_prototypes: int = 65536
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     head_layers: int = 3
+
+
+@dataclass
+class DinoConfig(HeadLossConfig):
+    local_loss_weight: float = 1.0  # DINOv3's `reweight_dino_local_loss` (0.5 in its Gram/high-res stages)
+    global_ignore_diagonal: bool = True
     koleo_loss_weight: float = 0.1
     sinkhorn_iterations: int = 3
     student_temp: float = 0.1
 
 
 @dataclass
-class IBotConfig:
-    loss_weight: float = 1.0
+class IBotConfig(HeadLossConfig):
     mask_sample_probability: float = 0.5
     mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])
-    head_prototypes: int = 65536
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    head_layers: int = 3
 
 
 @dataclass

@@ -122,13 +122,10 @@ def build_branch(config) -> Branch:
     backbone = DINOv3Encoder(arch, drop_path_rate=config.model.drop_path_rate)
     if config.model.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
-    dino = config.dino
-    ibot = config.ibot
-    return Branch(
-        backbone,
-        DINOHead(arch.embed_dim, dino.head_prototypes, dino.head_hidden_dim, dino.head_bottleneck_dim, dino.head_layers),
-        DINOHead(arch.embed_dim, ibot.head_prototypes, ibot.head_hidden_dim, ibot.head_bottleneck_dim, ibot.head_layers),
-    )
+    def head(cfg):
+        return DINOHead(arch.embed_dim, cfg.head_prototypes, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_layers)
+
+    return Branch(backbone, head(config.dino), head(config.ibot))
 
 
 # ---------------------------------------------------------------------------------------------
