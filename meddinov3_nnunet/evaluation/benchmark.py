@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -377,7 +378,7 @@ def plot_results(collected: dict, out_dir: Path, classes: list[str]) -> None:
                 for item in collected.values()]
     figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4.5))
     axis.boxplot(per_case, showmeans=True)
-    axis.set_xticks(range(1, len(labels) + 1), [label.replace(", ", ",\n") for label in labels], fontsize=7)
+    axis.set_xticks(range(1, len(labels) + 1), [textwrap.fill(label, 24, break_on_hyphens=False) for label in labels], fontsize=7)
     axis.set_ylabel("class-averaged DSC per validation case")
     axis.set_ylim(0, 1)
     axis.grid(axis="y", alpha=0.3)
