@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates benchmarks/hippocampus/ (table, plots, per-row evaluations) on the 200 Hippocampus cases of
-# ../shared, fold 0 of nnU-Net's default 5-fold split, with the `cpu` benchmark preset. About 2.5 h on 2 CPU cores.
+# ../shared, fold 0 of nnU-Net's default 5-fold split, with the `cpu` benchmark preset. About 1.6 h on 2 CPU cores (measured).
 #   benchmarks/hippocampus/run.sh            # WORK=~/meddinov3_hippocampus_benchmark holds nnU-Net's folders
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -29,6 +29,7 @@ if [ ! -f "$PRE/export/encoder.pth" ]; then
 fi
 mkdir -p "$OUT/pretraining"
 cp "$PRE/loss_curves.png" "$OUT/pretraining/loss_curves_fold0_tiny.png"
+"$BIN/python" "$REPO/benchmarks/pretraining/summarise_run.py" "$PRE" > "$OUT/pretraining/run_summary_fold0_tiny.json"
 
 # 3. all rows under the same budget; finished rows are skipped on a re-run
 MEDDINOV3_WEIGHTS="$PRE/export/encoder.pth" "$BIN/meddinov3-nnunet" benchmark -d 4 --preset cpu -o "$OUT"
