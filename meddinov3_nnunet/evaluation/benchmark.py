@@ -378,7 +378,8 @@ def plot_results(collected: dict, out_dir: Path, classes: list[str]) -> None:
                 for item in collected.values()]
     figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4.5))
     axis.boxplot(per_case, showmeans=True)
-    axis.set_xticks(range(1, len(labels) + 1), [textwrap.fill(label, 24, break_on_hyphens=False) for label in labels], fontsize=7)
+    wrapped = [textwrap.fill(label, 24, break_on_hyphens=False) for label in labels]
+    axis.set_xticks(range(1, len(labels) + 1), wrapped, fontsize=7)
     axis.set_ylabel("class-averaged DSC per validation case")
     axis.set_ylim(0, 1)
     axis.grid(axis="y", alpha=0.3)
