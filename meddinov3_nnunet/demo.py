@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from meddinov3_nnunet.atomic_io import save_figure_atomic
+
 SYNTHETIC_NAME = "Dataset990_SyntheticDemo"
 
 
@@ -172,10 +174,8 @@ def save_overlay(image_path: Path, label_path: Path, prediction_path: Path, out_
     legend = ", ".join(f"{value}={name}" for name, value in class_names.items() if value)
     figure.suptitle(f"{image_path.name}: {legend}", fontsize=9)
     figure.tight_layout()
-    tmp = out_png.with_suffix(".tmp.png")
-    figure.savefig(tmp, dpi=110)
+    save_figure_atomic(figure, out_png, dpi=110)
     plt.close(figure)
-    os.replace(tmp, out_png)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from meddinov3_nnunet.atomic_io import write_text_atomic
 from meddinov3_nnunet.plans import load_preset
 
 PLANS_KEY = "meddinov3"
@@ -95,13 +95,6 @@ def derive_vit_plan(source: dict, target_size: int, max_scale: float, tokens_per
                    batch_size=int(batch_size), scale=round(scale, 6))
 
 
-def _write_json_atomic(data: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=4, sort_keys=False)
-    os.replace(tmp, path)
-
-
 def plan(dataset: str | int, preset: str = "default", plans_name: str = "nnUNetPlans",
          target_size: int | None = None, max_scale: float | None = None, batch_size: int | None = None,
          configuration_name: str | None = None, weights: str | None = None, preprocess: bool = True,
@@ -143,7 +136,7 @@ def plan(dataset: str | int, preset: str = "default", plans_name: str = "nnUNetP
         "batch_size": vit.batch_size,
         PLANS_KEY: entry,
     }
-    _write_json_atomic(plans, plans_file)
+    write_text_atomic(plans_file, json.dumps(plans, indent=4))
     if preprocess:
         from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess as nnunet_preprocess
 

@@ -137,14 +137,14 @@ def test_reports_are_written_whole_with_ordinary_permissions(tmp_path):
     import os
     import stat
 
-    from meddinov3_nnunet.evaluation.folder_evaluation import _write_atomic
+    from meddinov3_nnunet.atomic_io import write_text_atomic
 
     previous = os.umask(0o022)
     try:
-        _write_atomic(tmp_path / "summary.md", "table\n")
+        write_text_atomic(tmp_path / "summary.md", "table\n")
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "summary.md").stat().st_mode) == 0o644
     with pytest.raises(TypeError):
-        _write_atomic(tmp_path / "summary.md", None)  # a failed write leaves the old file and no temporary
+        write_text_atomic(tmp_path / "summary.md", None)  # a failed write leaves the old file and no temporary
     assert [p.name for p in tmp_path.iterdir()] == ["summary.md"] and (tmp_path / "summary.md").read_text() == "table\n"

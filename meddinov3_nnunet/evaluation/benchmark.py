@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .folder_evaluation import _write_atomic, evaluate_folders, format_cell, load_summary, strict_json
+from ..atomic_io import save_figure_atomic, write_text_atomic
+from .folder_evaluation import evaluate_folders, format_cell, load_summary, strict_json
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -172,7 +173,7 @@ class Benchmark:
                          gpu_peak_mib=max((v for v in (stats.get("gpu_peak_mib"), earlier.get("gpu_peak_mib"))
                                            if v is not None), default=None),
                          attempts=earlier.get("attempts", 1) + 1)
-            _write_atomic(stats_file, json.dumps(stats))
+            write_text_atomic(stats_file, json.dumps(stats))
         if stats["returncode"] != 0:
             raise RuntimeError(f"{' '.join(command)} failed (exit {stats['returncode']}); see {log_file}")
         return stats
@@ -278,7 +279,7 @@ def ensure_default_splits(preprocessed: Path) -> None:
                           if p.name.endswith((".b2nd", ".npz", ".pkl")) and not p.name.endswith("_seg.b2nd")})
     if not identifiers:
         raise BenchmarkError(f"{preprocessed}: no preprocessed cases to split")
-    _write_atomic(split_file, json.dumps(generate_crossval_split(identifiers, seed=12345, n_splits=5), indent=1))
+    write_text_atomic(split_file, json.dumps(generate_crossval_split(identifiers, seed=12345, n_splits=5), indent=1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,9 +324,9 @@ def write_outputs(collected: dict, out_dir: Path, preset: dict) -> dict:
             + ("Peak GPU memory: nvidia-smi, the training's processes summed, CUDA context included. " if with_gpu else "")
             + f"Budget: {preset.get('description', '')}")
     table = "\n".join(lines) + "\n\n" + note + "\n"
-    _write_atomic(out_dir / "table.md", table)
-    _write_atomic(out_dir / "table.csv", table_csv(records))
-    _write_atomic(out_dir / "results.json", json.dumps(strict_json(records), indent=1, allow_nan=False))
+    write_text_atomic(out_dir / "table.md", table)
+    write_text_atomic(out_dir / "table.csv", table_csv(records))
+    write_text_atomic(out_dir / "results.json", json.dumps(strict_json(records), indent=1, allow_nan=False))
     plot_results(collected, out_dir, classes)
     return {"table": table, "records": records}
 
@@ -360,12 +361,6 @@ def table_csv(records: list[dict]) -> str:
     return text.getvalue()
 
 
-def _save_figure(figure, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    figure.savefig(temporary, format="png", dpi=120)
-    os.replace(temporary, path)
-
-
 def plot_results(collected: dict, out_dir: Path, classes: list[str]) -> None:
     import matplotlib
 
@@ -384,7 +379,7 @@ def plot_results(collected: dict, out_dir: Path, classes: list[str]) -> None:
     axis.set_ylim(0, 1)
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
-    _save_figure(figure, out_dir / "dsc_boxplot.png")
+    save_figure_atomic(figure, out_dir / "dsc_boxplot.png", dpi=120)
     plt.close(figure)
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -399,7 +394,7 @@ def plot_results(collected: dict, out_dir: Path, classes: list[str]) -> None:
     for axis in axes:
         axis.grid(alpha=0.3)
     figure.tight_layout()
-    _save_figure(figure, out_dir / "learning_curves.png")
+    save_figure_atomic(figure, out_dir / "learning_curves.png", dpi=120)
     plt.close(figure)
 
 

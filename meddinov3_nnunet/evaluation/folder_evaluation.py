@@ -9,13 +9,12 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic_io import write_text_atomic
 from .segmentation_metrics import case_metrics, summarise
 
 METRIC_TITLES = {"dsc": "DSC (%)", "nsd": "NSD (%)", "hd95": "HD95 (mm)"}
@@ -23,26 +22,6 @@ METRIC_TITLES = {"dsc": "DSC (%)", "nsd": "NSD (%)", "hd95": "HD95 (mm)"}
 
 class EvaluationError(ValueError):
     """Inputs that cannot be evaluated; the message names the case(s) and the fix."""
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Temporary file in the same folder, then rename: readers see the old file or the new one, never half.
-    mkstemp creates 0600 files; reports get the permissions a plain open() would give them."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o666 & ~_current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def strict_json(value):
@@ -168,14 +147,14 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, dataset_json: str
 
 
 def write_reports(summary: dict, out_dir: Path) -> None:
-    _write_atomic(out_dir / "summary.json", json.dumps(strict_json(summary), indent=1, allow_nan=False))
+    write_text_atomic(out_dir / "summary.json", json.dumps(strict_json(summary), indent=1, allow_nan=False))
     rows = io.StringIO()
     writer = csv.writer(rows)
     writer.writerow(["case", "class", "dsc", "nsd", "hd95"])
     for case, classes in summary["per_case"].items():
         for name, metrics in classes.items():
             writer.writerow([case, name] + [f"{metrics[m]:.6g}" for m in ("dsc", "nsd", "hd95")])
-    _write_atomic(out_dir / "per_case.csv", rows.getvalue())
+    write_text_atomic(out_dir / "per_case.csv", rows.getvalue())
     table = io.StringIO()
     writer = csv.writer(table)
     writer.writerow(["class", "metric", "mean", "sd", "n", "undefined"])
@@ -184,8 +163,8 @@ def write_reports(summary: dict, out_dir: Path) -> None:
             writer.writerow([name, metric, f"{stats['mean']:.6g}", f"{stats['sd']:.6g}", stats["n"], stats["undefined"]])
     for metric, stats in summary["overall"].items():
         writer.writerow(["overall (class-averaged)", metric, f"{stats['mean']:.6g}", f"{stats['sd']:.6g}", "", ""])
-    _write_atomic(out_dir / "summary.csv", table.getvalue())
-    _write_atomic(out_dir / "summary.md", markdown_table(summary))
+    write_text_atomic(out_dir / "summary.csv", table.getvalue())
+    write_text_atomic(out_dir / "summary.md", markdown_table(summary))
 
 
 def format_cell(stats: dict, metric: str) -> str:

@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from .folder_evaluation import _write_atomic
+from ..atomic_io import write_text_atomic
 
 GPU_POLL_SECONDS = 2.0
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
              "max_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
              "gpu_peak_mib": monitor.peak_mib if monitor else None}
     stats_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(stats_path, json.dumps(stats))
+    write_text_atomic(stats_path, json.dumps(stats))
     return returncode
 
 

@@ -20,12 +20,11 @@ import logging
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
+from ..atomic_io import atomic_path
 from .encoder import DINOv3Encoder, count_parameters
 from .presets import FLAVOURS, EncoderArch
 
@@ -319,17 +318,8 @@ def load_encoder(path: str | os.PathLike, drop_path_rate: float = 0.0, **overrid
 # ---------------------------------------------------------------------------------------------
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """torch.save through a temporary file in the same folder and an atomic rename: never a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def encoder_state(encoder: DINOv3Encoder) -> dict[str, torch.Tensor]:

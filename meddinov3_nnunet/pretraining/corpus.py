@@ -41,6 +41,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from meddinov3_nnunet.atomic_io import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "meddinov3_nnunet.corpus"
@@ -470,11 +472,7 @@ def _progress(iterable, total: int, enabled: bool):
 
 
 def write_json_atomic(obj, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 @dataclass

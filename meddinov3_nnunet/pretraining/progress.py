@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from meddinov3_nnunet.atomic_io import save_figure_atomic, write_text_atomic
+
 LOSS_KEYS = ("total", "dino", "ibot", "koleo", "gram")
 
 
@@ -18,9 +20,7 @@ class MetricsLog:
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and _step(line) is not None and _step(line) < start_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         self._file = open(self.path, "a")
 
     def write(self, record: dict) -> None:
@@ -101,8 +101,5 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike, t
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=90)
+    save_figure_atomic(fig, png_path, dpi=90)
     plt.close(fig)
-    os.replace(tmp, png_path)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from lightly.models.utils import update_momentum
 from lightly.utils.scheduler import cosine_schedule
 
+from meddinov3_nnunet.atomic_io import atomic_path
 from meddinov3_nnunet.models.checkpoints import CheckpointError, atomic_save, load_into
 from meddinov3_nnunet.models.encoder import DINOv3Encoder
 
@@ -412,9 +413,8 @@ class PretrainingRun:
             atomic_save(payload, self.checkpoint_path)
             if step % self.config.train.keep_every == 0:
                 kept = self.output_dir / f"checkpoint_step{step:07d}.pth"
-                tmp = kept.with_name(f".{kept.name}.tmp")
-                shutil.copyfile(self.checkpoint_path, tmp)
-                os.replace(tmp, kept)
+                with atomic_path(kept) as tmp:
+                    shutil.copyfile(self.checkpoint_path, tmp)
         ctx.barrier()
         return self.checkpoint_path if ctx.is_main else None
 
