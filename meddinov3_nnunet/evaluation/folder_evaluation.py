@@ -66,19 +66,17 @@ def class_names_from_dataset_json(dataset_json: Path | None, gt_files: list[Path
 
 
 def _match_cases(pred_dir: Path, gt_dir: Path, file_ending: str, cases: list[str] | None = None) -> list[str]:
-    selected = cases
-
     def cases_in(folder: Path) -> set[str]:
         if not folder.is_dir():
             raise EvaluationError(f"{folder} is not a folder")
         return {p.name[: -len(file_ending)] for p in folder.iterdir() if p.name.endswith(file_ending)}
 
     predicted, truth = cases_in(pred_dir), cases_in(gt_dir)
-    if selected is not None:
-        absent = sorted(set(selected) - truth)
+    if cases is not None:
+        absent = sorted(set(cases) - truth)
         if absent:
             raise EvaluationError(f"{gt_dir} has no ground truth for {len(absent)} case(s): {', '.join(absent[:10])}")
-        truth = set(selected)
+        truth = set(cases)
     if not truth:
         raise EvaluationError(f"{gt_dir} has no *{file_ending} files (is --gt right, or set --file-ending)")
     missing, extra = sorted(truth - predicted), sorted(predicted - truth)
