@@ -5,20 +5,11 @@ benchmark give every row, stock nnU-Net included (`nnUNetTrainer_budget`), the s
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-
-def env_int(name: str, default):
-    value = os.environ.get(name)
-    if value in (None, ""):
-        return default
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"environment variable {name}={value!r} must be a positive integer")
-    return int(value)
+from meddinov3_nnunet.budget import BATCH_SIZE, ITERS_PER_EPOCH, NUM_EPOCHS, VAL_ITERS, env_int
 
 
 class EnvironmentBudget:
@@ -33,7 +24,7 @@ class EnvironmentBudget:
     @classmethod
     def budget_plans(cls, plans: dict, configuration: str) -> list[str]:
         """Writes the batch size into the plans (before nnU-Net reads them, so DDP splits it); returns log lines."""
-        batch_size = env_int("MEDDINOV3_BATCH_SIZE", cls.batch_size_override)
+        batch_size = env_int(BATCH_SIZE, cls.batch_size_override)
         planned = PlansManager(plans).get_configuration(configuration).batch_size
         if batch_size is None or batch_size == planned:
             return []
@@ -41,9 +32,9 @@ class EnvironmentBudget:
         return [f"batch size {planned} -> {batch_size}"]
 
     def apply_budget(self, notes: list[str]) -> None:
-        self.num_epochs = env_int("MEDDINOV3_NUM_EPOCHS", self.epochs)
-        self.num_iterations_per_epoch = env_int("MEDDINOV3_ITERS_PER_EPOCH", self.iterations_per_epoch)
-        self.num_val_iterations_per_epoch = env_int("MEDDINOV3_VAL_ITERS", self.val_iterations_per_epoch)
+        self.num_epochs = env_int(NUM_EPOCHS, self.epochs)
+        self.num_iterations_per_epoch = env_int(ITERS_PER_EPOCH, self.iterations_per_epoch)
+        self.num_val_iterations_per_epoch = env_int(VAL_ITERS, self.val_iterations_per_epoch)
         self.save_every = self.checkpoint_every
         for note in notes + [f"budget: {self.num_epochs} epochs x {self.num_iterations_per_epoch} iterations "
                              f"(+{self.num_val_iterations_per_epoch} validation batches per epoch)"]:

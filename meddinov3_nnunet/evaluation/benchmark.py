@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic_io import save_figure_atomic, write_text_atomic
+from ..budget import BATCH_SIZE, BUDGET_VARIABLES, ITERS_PER_EPOCH
 from .folder_evaluation import evaluate_folders, format_cell, load_summary, strict_json
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -130,8 +131,7 @@ class Benchmark:
         (the preset alone sets the budget, or rows would differ silently)."""
         import meddinov3_nnunet
 
-        budget_names = ("MEDDINOV3_NUM_EPOCHS", "MEDDINOV3_ITERS_PER_EPOCH", "MEDDINOV3_VAL_ITERS", "MEDDINOV3_BATCH_SIZE")
-        env = {k: v for k, v in os.environ.items() if k not in budget_names}
+        env = {k: v for k, v in os.environ.items() if k not in BUDGET_VARIABLES}
         folders = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
         if meddinov3_nnunet.ext_trainer_dir() not in folders:
             folders.append(meddinov3_nnunet.ext_trainer_dir())
@@ -150,7 +150,7 @@ class Benchmark:
         env.update({k: str(v) for k, v in self.preset.get("budget", {}).items()})
         batch = self.preset.get("batch_size", {}).get(row.configuration)
         if batch:
-            env["MEDDINOV3_BATCH_SIZE"] = str(batch)
+            env[BATCH_SIZE] = str(batch)
         return env
 
     def _run(self, command: list[str], env: dict, log_file: Path, stats_file: Path | None = None) -> dict:
@@ -232,7 +232,7 @@ class Benchmark:
         if (out / "summary.json").is_file() and (out / "summary.json").stat().st_mtime >= newest_prediction:
             return load_summary(out / "summary.json")
         validation_cases = json.loads((self.preprocessed / "splits_final.json").read_text())[fold]["val"]
-        return evaluate_folders(self.fold_dir(row, fold) / "validation", self.preprocessed / "gt_segmentations",
+        return evaluate_folders(validation, self.preprocessed / "gt_segmentations",
                                 self.preprocessed / "dataset.json", self.preset.get("nsd_tolerance_mm", 1.0), out,
                                 num_processes=2, cases=validation_cases)
 
@@ -260,7 +260,7 @@ class Benchmark:
         logs = parse_training_logs(self.fold_dir(row, fold))
         stats = json.loads((out / "train.stats.json").read_text()) if (out / "train.stats.json").is_file() else {}
         budget = self.preset.get("budget", {})
-        iterations = int(budget.get("MEDDINOV3_ITERS_PER_EPOCH", 250))
+        iterations = int(budget.get(ITERS_PER_EPOCH, 250))
         train_seconds = sum(logs["epoch_seconds"])
         return {"row": row, "fold": fold, "summary": summary, "curves": logs, "stats": stats,
                 "epochs": len(logs["train_loss"]), "iterations_per_epoch": iterations,

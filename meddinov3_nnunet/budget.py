@@ -1,0 +1,21 @@
+"""The training-budget environment variables: read by the trainers (``trainers/budget.py``), set per row by
+``meddinov3-nnunet benchmark`` and by the demo. Standard library only, so both sides import it cheaply."""
+from __future__ import annotations
+
+import os
+
+NUM_EPOCHS = "MEDDINOV3_NUM_EPOCHS"
+ITERS_PER_EPOCH = "MEDDINOV3_ITERS_PER_EPOCH"
+VAL_ITERS = "MEDDINOV3_VAL_ITERS"  # validation batches per epoch
+BATCH_SIZE = "MEDDINOV3_BATCH_SIZE"
+BUDGET_VARIABLES = (NUM_EPOCHS, ITERS_PER_EPOCH, VAL_ITERS, BATCH_SIZE)
+
+
+def env_int(name: str, default):
+    """A positive integer from the environment variable ``name``; ``default`` when it is unset or empty."""
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"environment variable {name}={value!r} must be a positive integer")
+    return int(value)
