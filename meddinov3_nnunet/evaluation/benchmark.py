@@ -27,6 +27,7 @@ import numpy as np
 from ..atomic_io import save_figure_atomic, write_text_atomic
 from ..budget import BATCH_SIZE, BUDGET_VARIABLES, ITERS_PER_EPOCH
 from .folder_evaluation import evaluate_folders, format_cell, load_summary, strict_json
+from .segmentation_metrics import METRICS
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -302,7 +303,7 @@ def write_outputs(collected: dict, out_dir: Path, preset: dict) -> dict:
         summary, stats = item["summary"], item["stats"]
         cells = [row.label, row.trainer, row.configuration, str(fold)]
         cells += [format_cell(summary["per_class"][c]["dsc"], "dsc") for c in classes]
-        cells += [format_cell(summary["overall"][m], m) for m in ("dsc", "nsd", "hd95")]
+        cells += [format_cell(summary["overall"][m], m) for m in METRICS]
         wall = stats.get("wall_seconds", math.nan) / 60
         cells += [f"{item['epochs']} x {item['iterations_per_epoch']}", f"{wall:.1f}",
                   f"{item['iterations_per_second']:.2f}",

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic_io import write_text_atomic
-from .segmentation_metrics import case_metrics, summarise
+from .segmentation_metrics import METRICS, case_metrics, summarise
 
 METRIC_TITLES = {"dsc": "DSC (%)", "nsd": "NSD (%)", "hd95": "HD95 (mm)"}
 
@@ -148,10 +148,10 @@ def write_reports(summary: dict, out_dir: Path) -> None:
     write_text_atomic(out_dir / "summary.json", json.dumps(strict_json(summary), indent=1, allow_nan=False))
     rows = io.StringIO()
     writer = csv.writer(rows)
-    writer.writerow(["case", "class", "dsc", "nsd", "hd95"])
+    writer.writerow(["case", "class", *METRICS])
     for case, classes in summary["per_case"].items():
         for name, metrics in classes.items():
-            writer.writerow([case, name] + [f"{metrics[m]:.6g}" for m in ("dsc", "nsd", "hd95")])
+            writer.writerow([case, name] + [f"{metrics[m]:.6g}" for m in METRICS])
     write_text_atomic(out_dir / "per_case.csv", rows.getvalue())
     table = io.StringIO()
     writer = csv.writer(table)

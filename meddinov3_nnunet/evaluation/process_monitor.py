@@ -100,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     stats = {"returncode": returncode, "wall_seconds": time.time() - started,
              "max_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
              "gpu_peak_mib": monitor.peak_mib if monitor else None}
-    stats_path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(stats_path, json.dumps(stats))
     return returncode
 

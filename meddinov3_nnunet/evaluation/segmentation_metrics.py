@@ -22,6 +22,8 @@ import warnings
 
 import numpy as np
 
+METRICS = ("dsc", "nsd", "hd95")  # the keys of every per-case and summary entry
+
 
 def _one_hot(labels: np.ndarray, values: list[int]):
     import torch
@@ -68,18 +70,17 @@ def summarise(per_case: dict[str, dict[int, dict[str, float]]], class_names: dic
     """Mean, sd and counts per class and metric. ``overall``: mean over classes of the class means
     (class-averaged, as in the paper's tables) and the sd over cases of each case's class average.
     NaN values (undefined HD95) are left out and counted."""
-    metrics = ("dsc", "nsd", "hd95")
     summary: dict = {"per_class": {}, "overall": {}, "num_cases": len(per_case)}
     for value, name in class_names.items():
         entry = {}
-        for metric in metrics:
+        for metric in METRICS:
             values = np.array([case[value][metric] for case in per_case.values()], dtype=float)
             finite = values[np.isfinite(values)]
             entry[metric] = {"mean": float(finite.mean()) if finite.size else math.nan,
                              "sd": float(finite.std(ddof=1)) if finite.size > 1 else (0.0 if finite.size else math.nan),
                              "n": int(finite.size), "undefined": int(values.size - finite.size)}
         summary["per_class"][name] = entry
-    for metric in metrics:
+    for metric in METRICS:
         means = np.array([summary["per_class"][n][metric]["mean"] for n in class_names.values()])
         means = means[np.isfinite(means)]
         case_averages = np.array([np.nanmean([case[v][metric] for v in class_names]) if any(
