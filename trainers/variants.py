@@ -4,6 +4,12 @@ from meddinov3_nnunet.finetune import FinetuneRecipe
 from .base import MedDINOv3Trainer
 
 
+class FromScratch:
+    """Mixin (put first): random encoder, trained at the decoder's learning rate (as the reference's scratch run)."""
+    encoder_weights = "none"
+    recipe = FinetuneRecipe(encoder_lr=3e-4)
+
+
 class MedDINOv3Trainer_S(MedDINOv3Trainer):
     """ViT-S/16 encoder (weights: your own pretraining export, or Meta's ViT-S)."""
     encoder_preset = "vit_s16"
@@ -21,16 +27,12 @@ class MedDINOv3Trainer_singlescale(MedDINOv3Trainer):
     multiscale = False
 
 
-class MedDINOv3Trainer_scratch(MedDINOv3Trainer):
-    """Ablation: random encoder, trained at the decoder's learning rate (as the reference's scratch run)."""
-    encoder_weights = "none"
-    recipe = FinetuneRecipe(encoder_lr=3e-4)
+class MedDINOv3Trainer_scratch(FromScratch, MedDINOv3Trainer):
+    """Ablation: ViT-B/16 from scratch."""
 
 
-class MedDINOv3Trainer_S_scratch(MedDINOv3Trainer_S):
+class MedDINOv3Trainer_S_scratch(FromScratch, MedDINOv3Trainer_S):
     """ViT-S/16 from scratch (CPU benchmark rows)."""
-    encoder_weights = "none"
-    recipe = FinetuneRecipe(encoder_lr=3e-4)
 
 
 class MedDINOv3Trainer_S_singlescale_scratch(MedDINOv3Trainer_S_scratch):
@@ -56,9 +58,8 @@ class MedDINOv3Trainer_tiny(MedDINOv3Trainer):
     weights_hint = "a tiny encoder exported by `meddinov3-nnunet export` (pretraining config tiny_cpu)"
 
 
-class MedDINOv3Trainer_tiny_scratch(MedDINOv3Trainer_tiny):
-    encoder_weights = "none"
-    recipe = FinetuneRecipe(encoder_lr=3e-4)
+class MedDINOv3Trainer_tiny_scratch(FromScratch, MedDINOv3Trainer_tiny):
+    """Tiny encoder from scratch (the benchmark's comparison row for the pretrained tiny encoder)."""
 
 
 class MedDINOv3Trainer_smoke(MedDINOv3Trainer_tiny):
