@@ -453,7 +453,7 @@ def build_corpus(sources: Sequence[Source], settings: dict, output: str | os.Pat
         "totals": {"volumes": len(volumes), "slices": sum(v["n_slices"] for v in volumes), "skipped": len(skipped)},
         "sources": summaries, "skipped": skipped, "volumes": volumes,
     }
-    write_json_atomic(manifest, output)
+    write_text_atomic(output, json.dumps(manifest, indent=1))
     if not volumes:
         reasons = sorted({s["reason"].split(" (")[0] for s in skipped})
         raise CorpusError(
@@ -469,10 +469,6 @@ def _progress(iterable, total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(iterable, total=total, desc="indexing volumes", unit="vol", dynamic_ncols=True)
-
-
-def write_json_atomic(obj, path: str | os.PathLike) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 @dataclass

@@ -122,6 +122,7 @@ def build_branch(config) -> Branch:
     backbone = DINOv3Encoder(arch, drop_path_rate=config.model.drop_path_rate)
     if config.model.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
+
     def head(cfg):
         return DINOHead(arch.embed_dim, cfg.head_prototypes, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_layers)
 
