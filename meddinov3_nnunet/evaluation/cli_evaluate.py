@@ -16,7 +16,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .folder_evaluation import EvaluationError, evaluate_folders
+    from .folder_evaluation import EvaluationError, evaluate_folders, markdown_table
 
     try:
         summary = evaluate_folders(args.pred, args.gt, args.dataset_json, args.nsd_tolerance, args.out,
@@ -24,8 +24,6 @@ def run(args: argparse.Namespace) -> int:
     except EvaluationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from .folder_evaluation import markdown_table
-
     print(markdown_table(summary))
     print(f"written: {args.out or args.pred}/summary.json, summary.csv, summary.md, per_case.csv")
     return 0
