@@ -16,8 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("meddinov3_nnunet.demo", "run plan -> fine-tune -> predict -> evaluate on a small (synthetic) dataset"),
     "benchmark": ("meddinov3_nnunet.evaluation.cli_benchmark", "train, evaluate and tabulate several trainer rows under one budget"),
     "evaluate": ("meddinov3_nnunet.evaluation.cli_evaluate", "DSC / NSD / HD95 of predicted label maps, per case and class"),
-    "doctor": ("meddinov3_nnunet.doctor", "check versions, nnU-Net paths, trainer discovery and weights"),
-    "plan": ("meddinov3_nnunet.plan_cmd", "add a ViT-aware 2D configuration to nnU-Net's plans and preprocess it"),
+    "doctor": ("meddinov3_nnunet.nnunet.doctor", "check versions, nnU-Net paths, trainer discovery and weights"),
+    "plan": ("meddinov3_nnunet.nnunet.plan_cmd", "add a ViT-aware 2D configuration to nnU-Net's plans and preprocess it"),
     "pretrain": ("meddinov3_nnunet.pretraining.pretrain_cmd", "pretrain a DINOv3 encoder on CT/MRI slices (MedDINOv3 stages 1-3)"),
     "export": ("meddinov3_nnunet.pretraining.export_cmd", "export a pretraining run's encoder for the trainers and in MedDINOv3's layout"),
 }
@@ -38,8 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb. A `UserError` becomes one `error: ...` line on stderr and its exit code; every other
+    exception is a bug and keeps its traceback."""
+    from meddinov3_nnunet.errors import UserError
+
     args = build_parser().parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""ViT-aware planning presets (JSON data read by `meddinov3_nnunet.planning`)."""
+"""ViT-aware planning presets (JSON data read by `meddinov3_nnunet.nnunet.planning`)."""
 import json
 from pathlib import Path
 

@@ -24,11 +24,11 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
-from meddinov3_nnunet.finetune import FinetuneRecipe, WarmupLinearDecay, build_optimizer
+from meddinov3_nnunet.nnunet.finetune import FinetuneRecipe, WarmupLinearDecay, build_optimizer
 from meddinov3_nnunet.models.checkpoints import CheckpointError, load_into, read_checkpoint
 from meddinov3_nnunet.models.network import MedDINOv3Net, build_network
 from meddinov3_nnunet.models.presets import preset
-from meddinov3_nnunet.planning import PLANS_KEY
+from meddinov3_nnunet.nnunet.planning import PLANS_KEY
 
 from .budget import EnvironmentBudget
 

@@ -9,7 +9,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from meddinov3_nnunet.budget import BATCH_SIZE, ITERS_PER_EPOCH, NUM_EPOCHS, VAL_ITERS, env_int
+from meddinov3_nnunet.nnunet.budget import BATCH_SIZE, ITERS_PER_EPOCH, NUM_EPOCHS, VAL_ITERS, env_int
 
 
 class EnvironmentBudget:

@@ -1,5 +1,5 @@
 """Trainer variants: each changes one thing of `MedDINOv3Trainer`, named after that thing (nnU-Net style)."""
-from meddinov3_nnunet.finetune import FinetuneRecipe
+from meddinov3_nnunet.nnunet.finetune import FinetuneRecipe
 
 from .base import MedDINOv3Trainer
 

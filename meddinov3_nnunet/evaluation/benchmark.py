@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic_io import save_figure_atomic, write_text_atomic
-from ..budget import BATCH_SIZE, BUDGET_VARIABLES, ITERS_PER_EPOCH
+from ..nnunet.budget import BATCH_SIZE, BUDGET_VARIABLES, ITERS_PER_EPOCH
 from .folder_evaluation import evaluate_folders, format_cell, load_summary, strict_json
 from .segmentation_metrics import METRICS
 
@@ -117,7 +117,7 @@ def parse_training_logs(fold_dir: Path) -> dict:
 class Benchmark:
     def __init__(self, dataset: str, rows: list[Row], folds: list[int], preset: dict, out_dir: Path,
                  device: str | None = None, log=print):
-        from meddinov3_nnunet.planning import find_dataset_name
+        from meddinov3_nnunet.nnunet.planning import find_dataset_name
 
         self.dataset = find_dataset_name(dataset)
         self.rows, self.folds, self.preset = rows, folds, preset

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models.network import MedDINOv3Net
+from ..models.network import MedDINOv3Net
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from meddinov3_nnunet.finetune import FinetuneRecipe, WarmupLinearDecay, build_optimizer
+from meddinov3_nnunet.nnunet.finetune import FinetuneRecipe, WarmupLinearDecay, build_optimizer
 from meddinov3_nnunet.models.network import build_network
 
 

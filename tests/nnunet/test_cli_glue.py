@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import meddinov3_nnunet
-from meddinov3_nnunet.planning import PlanningError, derive_vit_plan
+from meddinov3_nnunet.nnunet.planning import PlanningError, derive_vit_plan
 
 from nnunet_workspace import Workspace
 

@@ -23,7 +23,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meddinov3_nnunet.planning import plan
+    from meddinov3_nnunet.nnunet.planning import plan
 
     try:
         dataset_name, vit = plan(args.dataset, args.preset, args.plans, args.target_size, args.max_scale,
