@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic_io import save_figure_atomic, write_text_atomic
+from ..errors import InputError
 from ..nnunet.budget import BATCH_SIZE, BUDGET_VARIABLES, ITERS_PER_EPOCH
 from .folder_evaluation import evaluate_folders, format_cell, load_summary, strict_json
 from .segmentation_metrics import METRICS
@@ -32,7 +33,7 @@ from .segmentation_metrics import METRICS
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(InputError):
     """Bad benchmark input; the message says what to fix."""
 
 

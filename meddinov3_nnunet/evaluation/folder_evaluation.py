@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic_io import write_text_atomic
+from ..errors import InputError
 from .segmentation_metrics import METRICS, case_metrics, summarise
 
 METRIC_TITLES = {"dsc": "DSC (%)", "nsd": "NSD (%)", "hd95": "HD95 (mm)"}
 
 
-class EvaluationError(ValueError):
+class EvaluationError(InputError):
     """Inputs that cannot be evaluated; the message names the case(s) and the fix."""
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..atomic_io import atomic_path
+from ..errors import InputError
 from .encoder import DINOv3Encoder, count_parameters
 from .presets import FLAVOURS, EncoderArch
 
@@ -35,7 +36,7 @@ PROJECT_FORMAT_VERSION = 1
 KNOWN_FORMATS = ("meta_dinov3", "meddinov3_teacher", "timm", "meddinov3_nnunet")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint file that cannot be used; the message names the file and the fix."""
 
 

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meddinov3_nnunet.atomic_io import write_text_atomic
+from meddinov3_nnunet.errors import InputError
 from meddinov3_nnunet.plans import load_preset
 
 PLANS_KEY = "meddinov3"
 
 
-class PlanningError(ValueError):
+class PlanningError(InputError):
     """Bad input to `plan`; the message says what to fix."""
 
 

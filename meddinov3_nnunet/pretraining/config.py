@@ -14,10 +14,12 @@ from pathlib import Path
 
 import yaml
 
+from meddinov3_nnunet.errors import InputError
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A recipe that cannot be used; the message names the key/file at fault and the fix."""
 
 

@@ -42,6 +42,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from meddinov3_nnunet.atomic_io import write_text_atomic
+from meddinov3_nnunet.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ DICOM_SUFFIXES = (".dcm", ".ima", "")
 MODALITIES = ("auto", "ct", "mri")
 
 
-class CorpusError(ValueError):
+class CorpusError(InputError):
     """A corpus that cannot be built or used; the message names the path and the fix."""
 
 

@@ -31,6 +31,7 @@ from lightly.models.utils import update_momentum
 from lightly.utils.scheduler import cosine_schedule
 
 from meddinov3_nnunet.atomic_io import atomic_path
+from meddinov3_nnunet.errors import DivergedError, InputError
 from meddinov3_nnunet.models.checkpoints import CheckpointError, atomic_save, load_into
 from meddinov3_nnunet.models.encoder import DINOv3Encoder
 
@@ -49,11 +50,11 @@ RUN_CHECKPOINT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pth"
 
 
-class ResumeError(ValueError):
+class ResumeError(InputError):
     """A ``--resume`` that would not continue the same run."""
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(DivergedError):
     """A NaN/inf loss or gradient; the run stops, the last good checkpoint is kept."""
 
 
