@@ -302,12 +302,13 @@ def _describe(arch: EncoderArch) -> str:
             f"registers {arch.num_register_tokens}, qkv bias {arch.qkv_bias}")
 
 
-def load_encoder(path: str | os.PathLike, drop_path_rate: float = 0.0, **overrides) -> DINOv3Encoder:
+def load_encoder(path: str | os.PathLike, drop_path_rate: float = 0.0, drop_path_mode: str = "batch_subset",
+                 **overrides) -> DINOv3Encoder:
     """Encoder with the architecture inferred from the weights; ``overrides`` change arch fields
     (e.g. ``num_heads=3``, ``norm_eps=1e-6``)."""
     checkpoint = read_checkpoint(path)
     arch = checkpoint.arch.replace(**overrides) if overrides else checkpoint.arch
-    encoder = DINOv3Encoder(arch, drop_path_rate=drop_path_rate)
+    encoder = DINOv3Encoder(arch, drop_path_rate=drop_path_rate, drop_path_mode=drop_path_mode)
     load_into(encoder, checkpoint)
     log.info("loaded encoder %s (%s, %s, %d parameters)", path, checkpoint.format, _describe(arch),
              count_parameters(encoder))

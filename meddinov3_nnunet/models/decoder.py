@@ -4,12 +4,18 @@ Patch tokens of several encoder blocks, each through the encoder's final norm, a
 channels at 1/16 resolution and upsampled by ``log2(patch_size)`` stages of
 2x2 transposed conv -> channel LayerNorm -> GELU, halving the channels each time, then a 1x1 conv gives
 the class logits at input resolution. For ViT-B with four taps: 3072 -> 1536 -> 768 -> 384 -> 192 -> C.
+
+Initialisation as the official ``Primus_Multiscale`` (ricklisz/MedDINOv3, ``dinov3/models/primus.py``), which
+applies dynamic_network_architectures' ``InitWeights_He(1e-2)`` to its whole up-projection: every (transposed)
+convolution gets Kaiming-normal weights (negative slope 0.01, fan-in) and zero biases; the LayerNorms keep
+PyTorch's ones / zeros.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from timm.layers import LayerNorm2d
 from torch import nn
 
@@ -39,6 +45,7 @@ class TokenAggregationDecoder(nn.Module):
             raise ValueError(f"{in_channels} input channels cannot be halved {num_stages} times")
         self.stages = nn.Sequential(*(UpsampleStage(c_in, c_out) for c_in, c_out in zip(channels, channels[1:])))
         self.head = nn.Conv2d(channels[-1], num_classes, kernel_size=1)
+        self.apply(InitWeights_He(1e-2))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.stages(features))

@@ -3,7 +3,8 @@
 timm's `Eva` (with ``rope_type='dinov3'``) already implements the DINOv3 block, axial RoPE and register
 tokens. This subclass adds what MedDINOv3 needs beyond it: the trained ``mask_token`` (iBOT masking in
 pretraining), bfloat16 RoPE periods (MedDINOv3 flavour), a clear error for image sizes the patch grid
-cannot tile, and the official DINOv3 entry points ``get_intermediate_layers`` / ``forward_features``.
+cannot tile, the official DINOv3 entry points ``get_intermediate_layers`` / ``forward_features``, and
+DINOv3's drop path (see `BatchSubsetDropPathBlock`).
 """
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from functools import partial
 from typing import Sequence
 
 import torch
-from timm.layers import LayerNorm
-from timm.models.eva import Eva
+from timm.layers import DropPath, LayerNorm, calculate_drop_path_rates
+from timm.models.eva import Eva, EvaBlock
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -28,13 +29,76 @@ def check_image_size(height: int, width: int, patch_size: int = 16) -> None:
             f"{max(patch_size, round(width / patch_size) * patch_size)})")
 
 
+DROP_PATH_MODES = ("batch_subset", "timm")
+
+
+class BatchSubsetDropPathBlock(EvaBlock):
+    """timm's EVA block with the drop path of DINOv3's ``SelfAttentionBlock`` (``dinov3/layers/block.py``).
+
+    In training with rate ``r > 0``, each residual branch (attention, then MLP, each with its own random
+    draw) is computed for ``k = max(int(B * (1 - r)), 1)`` samples picked by ``torch.randperm`` and added to
+    those samples scaled by ``B / k``; the other samples skip the branch. The same rate is used in every
+    block. In eval mode (or with ``r = 0``) the forward is timm's. Parameters and state dict are timm's.
+    """
+
+    drop_path_rate: float = 0.0
+
+    def subset_size(self, batch: int) -> int:
+        return max(int(batch * (1 - self.drop_path_rate)), 1)
+
+    def _add_branch(self, x, branch, gamma):
+        batch = x.shape[0]
+        keep = self.subset_size(batch)
+        indices = torch.randperm(batch, device=x.device)[:keep]
+        residual = branch(x[indices], indices)
+        if gamma is not None:
+            residual = gamma * residual
+        return torch.index_add(x, 0, indices, residual.to(x.dtype), alpha=batch / keep)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not (self.training and self.drop_path_rate > 0.0):
+            return super().forward(x, rope=rope, attn_mask=attn_mask)
+
+        def pick(t, indices):  # per-sample tensors (batch first) follow the subset; shared ones do not
+            return t[indices] if t is not None and t.ndim == 4 and t.shape[0] == x.shape[0] else t
+
+        x = self._add_branch(x, lambda sub, idx: self.attn(self.norm1(sub), rope=pick(rope, idx),
+                                                           attn_mask=pick(attn_mask, idx)), self.gamma_1)
+        return self._add_branch(x, lambda sub, idx: self.mlp(self.norm2(sub)), self.gamma_2)
+
+
+def set_drop_path(encoder: Eva, rate: float, mode: str = "batch_subset") -> None:
+    """Sets the encoder's drop path in place (no parameter changes).
+
+    ``"batch_subset"``: DINOv3's form, the same ``rate`` in every block (`BatchSubsetDropPathBlock`).
+    ``"timm"``: timm's per-sample drop path with rates rising linearly over depth from 0 to ``rate``.
+    """
+    if mode not in DROP_PATH_MODES:
+        raise ValueError(f"drop path mode {mode!r} is not one of {DROP_PATH_MODES}")
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop path rate {rate} must be in [0, 1)")
+    rates = calculate_drop_path_rates(rate, len(encoder.blocks))
+    for block, block_rate in zip(encoder.blocks, rates):
+        if not isinstance(block, EvaBlock):
+            raise TypeError(f"set_drop_path expects timm EvaBlock blocks, got {type(block).__name__}")
+        # the subclass only adds a forward, so switching the class keeps parameters and state dict
+        block.__class__ = BatchSubsetDropPathBlock if mode == "batch_subset" else EvaBlock
+        block.drop_path_rate = rate if mode == "batch_subset" else 0.0
+        timm_rate = block_rate if mode == "timm" else 0.0
+        block.drop_path1 = DropPath(timm_rate) if timm_rate > 0 else nn.Identity()
+        block.drop_path2 = DropPath(timm_rate) if timm_rate > 0 else nn.Identity()
+    encoder.drop_path_rate, encoder.drop_path_mode = rate, mode
+
+
 class DINOv3Encoder(Eva):
     """DINOv3 ViT with registers, LayerScale and axial RoPE; no learned position embedding.
 
     Token order inside the blocks: ``[CLS, registers x R, patches x (H/16 * W/16)]``.
+    Drop path: ``drop_path_mode`` ``"batch_subset"`` (DINOv3's, default) or ``"timm"``; see `set_drop_path`.
     """
 
-    def __init__(self, arch: EncoderArch, drop_path_rate: float = 0.0):
+    def __init__(self, arch: EncoderArch, drop_path_rate: float = 0.0, drop_path_mode: str = "batch_subset"):
         super().__init__(
             patch_size=arch.patch_size,
             in_chans=arch.in_chans,
@@ -45,7 +109,7 @@ class DINOv3Encoder(Eva):
             num_heads=arch.num_heads,
             qkv_bias=arch.qkv_bias,
             mlp_ratio=arch.mlp_ratio,
-            drop_path_rate=drop_path_rate,
+            drop_path_rate=0.0,  # set below by set_drop_path
             norm_layer=partial(LayerNorm, eps=arch.norm_eps),
             init_values=arch.layerscale_init,
             num_reg_tokens=arch.num_register_tokens,
@@ -64,6 +128,7 @@ class DINOv3Encoder(Eva):
         self.mask_token = nn.Parameter(torch.zeros(1, arch.embed_dim))
         if arch.rope_dtype == "bf16":
             self.rope.periods = self.rope.periods.to(torch.bfloat16)
+        set_drop_path(self, drop_path_rate, drop_path_mode)
 
     # -- token pipeline -------------------------------------------------------------------------
     def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None):
@@ -173,13 +238,14 @@ class DINOv3Encoder(Eva):
         return {"cls_token", "reg_token", "mask_token"}
 
 
-def build_encoder(arch: EncoderArch | str = "vit_b16", drop_path_rate: float = 0.0, **overrides) -> DINOv3Encoder:
+def build_encoder(arch: EncoderArch | str = "vit_b16", drop_path_rate: float = 0.0,
+                  drop_path_mode: str = "batch_subset", **overrides) -> DINOv3Encoder:
     """Randomly initialised encoder from an `EncoderArch` or a preset name (MedDINOv3 flavour)."""
     if isinstance(arch, str):
         arch = preset(arch, **overrides)
     elif overrides:
         arch = arch.replace(**overrides)
-    return DINOv3Encoder(arch, drop_path_rate=drop_path_rate)
+    return DINOv3Encoder(arch, drop_path_rate=drop_path_rate, drop_path_mode=drop_path_mode)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -76,10 +76,11 @@ class MedDINOv3Net(nn.Module):
 
 def build_network(encoder: EncoderArch | str | DINOv3Encoder = "vit_b16", in_channels: int = 1, num_classes: int = 2,
                   multiscale: bool = True, tap_blocks: Sequence[int] | None = None, flavour: str = "meddinov3",
-                  drop_path_rate: float = 0.0) -> MedDINOv3Net:
-    """Network with a random encoder from a preset name / `EncoderArch`, or around a given encoder."""
+                  drop_path_rate: float = 0.0, drop_path_mode: str = "batch_subset") -> MedDINOv3Net:
+    """Network with a random encoder from a preset name / `EncoderArch`, or around a given encoder
+    (whose drop path is then kept)."""
     if isinstance(encoder, str):
         encoder = preset(encoder, flavour)
     if isinstance(encoder, EncoderArch):
-        encoder = build_encoder(encoder, drop_path_rate=drop_path_rate)
+        encoder = build_encoder(encoder, drop_path_rate=drop_path_rate, drop_path_mode=drop_path_mode)
     return MedDINOv3Net(encoder, in_channels, num_classes, multiscale=multiscale, tap_blocks=tap_blocks)
