@@ -1,7 +1,10 @@
 """Evaluate a folder of predicted label maps against a folder of ground truth: files, checks, reports.
 
 Writes ``per_case.csv`` (case, class, DSC, NSD, HD95), ``summary.json``, ``summary.csv`` and ``summary.md``
-(mean ± sd per class and overall), each atomically.
+(mean ± sd per class and overall), each atomically, and only after every case passed every check (complete files,
+same grid, label values that ``dataset.json`` defines). A failed run removes these reports of an earlier run from
+the output folder, so that no stale report is left beside an error. Images are read with
+`meddinov3_nnunet.volume_io` (whole-file check); 2D label maps (e.g. ``.png`` datasets) are accepted.
 """
 from __future__ import annotations
 
@@ -16,9 +19,11 @@ import numpy as np
 
 from ..atomic_io import write_text_atomic
 from ..errors import InputError
+from ..volume_io import read_image
 from .segmentation_metrics import METRICS, case_metrics, summarise
 
 METRIC_TITLES = {"dsc": "DSC (%)", "nsd": "NSD (%)", "hd95": "HD95 (mm)"}
+REPORT_FILES = ("summary.json", "summary.csv", "summary.md", "per_case.csv")
 
 
 class EvaluationError(InputError):
@@ -62,8 +67,18 @@ def class_names_from_dataset_json(dataset_json: Path | None, gt_files: list[Path
 
     values: set[int] = set()
     for path in gt_files:
-        values |= set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).astype(int).tolist())
+        values |= set(np.unique(sitk.GetArrayFromImage(read_image(path, allow_2d=True))).astype(int).tolist())
     return {v: f"label_{v}" for v in sorted(values) if v > 0}
+
+
+def allowed_label_values(dataset_json: Path | None, class_values: list[int]) -> set[int]:
+    """Values a label map may hold: background 0, the classes, and the ``ignore`` label of dataset.json if any."""
+    allowed = {0, *class_values}
+    if dataset_json is not None:
+        ignore = json.loads(Path(dataset_json).read_text())["labels"].get("ignore")
+        if isinstance(ignore, int):
+            allowed.add(ignore)
+    return allowed
 
 
 def _match_cases(pred_dir: Path, gt_dir: Path, file_ending: str, cases: list[str] | None = None) -> list[str]:
@@ -95,8 +110,8 @@ def _match_cases(pred_dir: Path, gt_dir: Path, file_ending: str, cases: list[str
 def _evaluate_case(args) -> tuple[str, dict]:
     import SimpleITK as sitk
 
-    case, pred_path, gt_path, class_values, tolerance = args
-    pred_image, gt_image = sitk.ReadImage(str(pred_path)), sitk.ReadImage(str(gt_path))
+    case, pred_path, gt_path, class_values, allowed, tolerance = args
+    pred_image, gt_image = read_image(pred_path, allow_2d=True), read_image(gt_path, allow_2d=True)
     problems = []
     if pred_image.GetSize() != gt_image.GetSize():
         problems.append(f"size {pred_image.GetSize()} vs ground truth {gt_image.GetSize()}")
@@ -111,6 +126,12 @@ def _evaluate_case(args) -> tuple[str, dict]:
                               f"({'; '.join(problems)}); predictions must be in the ground truth's image grid")
     prediction = sitk.GetArrayFromImage(pred_image).astype(np.int64)
     truth = sitk.GetArrayFromImage(gt_image).astype(np.int64)
+    foreign = [(kind, path, sorted(set(np.unique(array).tolist()) - allowed))
+               for kind, path, array in (("prediction", pred_path, prediction), ("ground truth", gt_path, truth))]
+    foreign = [f"{kind} {path} holds label value(s) {values}" for kind, path, values in foreign if values]
+    if foreign:
+        raise EvaluationError(f"case {case}: {'; '.join(foreign)}, which the labels {sorted(allowed)} do not define; "
+                              f"fix the label maps or the dataset.json labels")
     spacing = tuple(reversed(gt_image.GetSpacing()))  # SimpleITK (x, y, z) -> array (z, y, x)
     return case, case_metrics(prediction, truth, class_values, spacing, tolerance)
 
@@ -119,8 +140,21 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, dataset_json: str
                      nsd_tolerance_mm: float = 1.0, out_dir: str | Path | None = None, num_processes: int = 2,
                      file_ending: str | None = None, cases: list[str] | None = None) -> dict:
     """Evaluates every ground-truth case (or only ``cases``); returns the summary dict (also written to
-    ``out_dir``)."""
+    ``out_dir``). On any failure the reports of an earlier run in ``out_dir`` are removed."""
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    out_dir = Path(out_dir) if out_dir is not None else pred_dir
+    try:
+        summary = _evaluate(pred_dir, gt_dir, dataset_json, nsd_tolerance_mm, num_processes, file_ending, cases)
+    except BaseException:
+        for name in REPORT_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+        raise
+    write_reports(summary, out_dir)
+    return summary
+
+
+def _evaluate(pred_dir: Path, gt_dir: Path, dataset_json, nsd_tolerance_mm: float, num_processes: int,
+              file_ending: str | None, cases: list[str] | None) -> dict:
     if dataset_json is not None and not Path(dataset_json).is_file():
         raise EvaluationError(f"{dataset_json}: no such dataset.json")
     if file_ending is None:
@@ -129,8 +163,9 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, dataset_json: str
     cases = _match_cases(pred_dir, gt_dir, file_ending, cases)
     class_names = class_names_from_dataset_json(
         Path(dataset_json) if dataset_json else None, [gt_dir / f"{c}{file_ending}" for c in cases])
-    jobs = [(c, pred_dir / f"{c}{file_ending}", gt_dir / f"{c}{file_ending}", list(class_names), nsd_tolerance_mm)
-            for c in cases]
+    allowed = allowed_label_values(Path(dataset_json) if dataset_json else None, list(class_names))
+    jobs = [(c, pred_dir / f"{c}{file_ending}", gt_dir / f"{c}{file_ending}", list(class_names), allowed,
+             nsd_tolerance_mm) for c in cases]
     if num_processes > 1 and len(jobs) >= 8:  # below that, starting worker processes costs more than it saves
         with ProcessPoolExecutor(num_processes) as pool:
             per_case = dict(pool.map(_evaluate_case, jobs))
@@ -139,9 +174,6 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, dataset_json: str
     summary = summarise(per_case, class_names)
     summary.update(nsd_tolerance_mm=nsd_tolerance_mm, prediction_folder=str(pred_dir), ground_truth_folder=str(gt_dir),
                    per_case={case: {class_names[v]: m for v, m in metrics.items()} for case, metrics in per_case.items()})
-    out_dir = Path(out_dir) if out_dir is not None else pred_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_reports(summary, out_dir)
     return summary
 
 
