@@ -28,14 +28,9 @@ from meddinov3_nnunet.nnunet.finetune import FinetuneRecipe, WarmupLinearDecay, 
 from meddinov3_nnunet.models.checkpoints import CheckpointError, load_into, read_checkpoint
 from meddinov3_nnunet.models.network import MedDINOv3Net, build_network
 from meddinov3_nnunet.models.presets import preset
-from meddinov3_nnunet.nnunet.planning import PLANS_KEY
+from meddinov3_nnunet.nnunet.planning import PLANS_KEY, round_up_to_patch
 
 from .budget import EnvironmentBudget
-
-
-
-def round_up_to_patch(size, patch: int = 16) -> list[int]:
-    return [max(patch, -(-int(s) // patch) * patch) for s in size]
 
 
 class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):

@@ -43,7 +43,13 @@ class MedDINOv3Net(nn.Module):
 
     ``tap_blocks`` are the encoder blocks whose normed patch tokens feed the decoder (default: the last
     block of each quarter of the depth); ``multiscale=False`` uses the last block only (the ablation).
+
+    ``autocast_dtypes`` (a plain attribute, not in the state dict) maps a device type to the dtype each forward
+    autocasts to there (None: fp32, autocast off), whatever autocast context the caller has open; device types
+    not in it follow the caller. The logits are then returned in float32.
     """
+
+    autocast_dtypes: dict[str, torch.dtype | None] | None = None
 
     def __init__(self, encoder: DINOv3Encoder, in_channels: int, num_classes: int,
                  multiscale: bool = True, tap_blocks: Sequence[int] | None = None):
@@ -60,6 +66,14 @@ class MedDINOv3Net(nn.Module):
                                                encoder.arch.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtypes = self.autocast_dtypes or {}
+        if x.device.type not in dtypes:
+            return self._forward(x)
+        dtype = dtypes[x.device.type]
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            return self._forward(x).float()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_size(x.shape[-2], x.shape[-1], self.encoder.patch_size)
         features = self.encoder.get_intermediate_layers(self.channel_adapter(x), n=self.tap_blocks,
                                                         reshape=True, norm=True)
