@@ -36,7 +36,8 @@ from meddinov3_nnunet.models.checkpoints import load_encoder
 from meddinov3_nnunet.models.encoder import DINOv3Encoder
 from meddinov3_nnunet.models.presets import default_tap_blocks, preset
 from meddinov3_nnunet.pretraining.config import load_config
-from meddinov3_nnunet.pretraining.corpus import Candidate, index_volume, normalise_slice, read_volume, settings_from_config
+from meddinov3_nnunet.pretraining.corpus import settings_from_config
+from meddinov3_nnunet.pretraining.volumes import Candidate, index_volume, normalise_slice, read_volume
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATASET = HERE.parents[2] / "shared" / "datasets" / "Dataset004_Hippocampus"

@@ -158,7 +158,8 @@ def _check_rope_periods(periods: torch.Tensor, arch: EncoderArch, path: str) -> 
 # ---------------------------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------------------------
-def _torch_load(path: str):
+def load_torch_file(path: str):
+    """``torch.load`` of a tensors-only file on the CPU; any failure is one `CheckpointError` naming the file."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file. Check the path (or the variable that points to it).")
     try:
@@ -191,10 +192,22 @@ def detect_format(obj) -> str:
     raise CheckpointError("unknown checkpoint layout")
 
 
+def strip_prefix(state: dict, prefix: str) -> dict:
+    """The entries of ``state`` whose key starts with ``prefix`` + '.', with that part removed
+    (``backbone.blocks.0...`` -> ``blocks.0...`` for ``prefix='backbone'``)."""
+    start = len(prefix) + 1
+    return {k[start:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
 def read_checkpoint(path: str | os.PathLike) -> EncoderCheckpoint:
     """Loads any supported encoder checkpoint into the timm layout, with its architecture inferred."""
     path = str(path)
-    obj = _torch_load(path)
+    return checkpoint_from_object(load_torch_file(path), path)
+
+
+def checkpoint_from_object(obj, path: str) -> EncoderCheckpoint:
+    """`read_checkpoint` of an object already loaded from ``path`` (so a caller that inspects it first reads
+    the file once)."""
     for wrapper in ("model", "state_dict", "module"):  # common training-script wrappers
         if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict) and len(obj) <= 3 \
                 and "format" not in obj:
@@ -220,7 +233,7 @@ def read_checkpoint(path: str | os.PathLike) -> EncoderCheckpoint:
             meta = dict(obj.get("meta", {}))
         elif fmt == "meddinov3_teacher":
             teacher = obj["teacher"]
-            backbone = {k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")}
+            backbone = strip_prefix(teacher, "backbone")
             ignored = sorted(k for k in teacher if not k.startswith("backbone."))
             if not backbone:
                 raise CheckpointError("the 'teacher' dict has no 'backbone.*' keys")
@@ -280,8 +293,8 @@ def load_into(encoder: DINOv3Encoder, checkpoint: EncoderCheckpoint) -> None:
     wrong_shape = sorted(f"{k}: checkpoint {tuple(source[k].shape)} vs model {tuple(target[k].shape)}"
                          for k in set(source) & set(target) if source[k].shape != target[k].shape)
     if missing or unexpected or wrong_shape:
-        lines = [f"{checkpoint.path} (detected format: {checkpoint.format}, {_describe(checkpoint.arch)}) does not "
-                 f"fit the encoder ({_describe(encoder.arch)}):"]
+        lines = [f"{checkpoint.path} (detected format: {checkpoint.format}, {describe_arch(checkpoint.arch)}) "
+                 f"does not fit the encoder ({describe_arch(encoder.arch)}):"]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
                              ("wrongly shaped keys", wrong_shape)):
             if items:
@@ -297,7 +310,8 @@ def load_into(encoder: DINOv3Encoder, checkpoint: EncoderCheckpoint) -> None:
     encoder.source = {"path": checkpoint.path, "format": checkpoint.format}
 
 
-def _describe(arch: EncoderArch) -> str:
+def describe_arch(arch: EncoderArch) -> str:
+    """One line naming the encoder's shape, for error messages."""
     return (f"dim {arch.embed_dim}, depth {arch.depth}, heads {arch.num_heads}, "
             f"registers {arch.num_register_tokens}, qkv bias {arch.qkv_bias}")
 
@@ -310,7 +324,7 @@ def load_encoder(path: str | os.PathLike, drop_path_rate: float = 0.0, drop_path
     arch = checkpoint.arch.replace(**overrides) if overrides else checkpoint.arch
     encoder = DINOv3Encoder(arch, drop_path_rate=drop_path_rate, drop_path_mode=drop_path_mode)
     load_into(encoder, checkpoint)
-    log.info("loaded encoder %s (%s, %s, %d parameters)", path, checkpoint.format, _describe(arch),
+    log.info("loaded encoder %s (%s, %s, %d parameters)", path, checkpoint.format, describe_arch(arch),
              count_parameters(encoder))
     return encoder
 

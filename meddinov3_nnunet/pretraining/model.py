@@ -15,16 +15,15 @@ import torch.nn.functional as F
 from lightly.models.modules.heads import ProjectionHead
 from torch import nn
 
-from meddinov3_nnunet.models.checkpoints import (CheckpointError, EncoderCheckpoint, _describe, _torch_load,
-                                                 isclose_arch, load_into, read_checkpoint)
+from meddinov3_nnunet.models.checkpoints import (CheckpointError, EncoderCheckpoint, checkpoint_from_object,
+                                                 describe_arch, isclose_arch, load_into, load_torch_file, strip_prefix)
 from meddinov3_nnunet.models.encoder import DINOv3Encoder
 from meddinov3_nnunet.models.presets import EncoderArch
 
+from . import run_checkpoint
 from .config import encoder_arch
 
 log = logging.getLogger(__name__)
-
-RUN_CHECKPOINT_FORMAT = "meddinov3_nnunet.pretrain_run"
 
 
 class DINOHead(ProjectionHead):
@@ -63,7 +62,7 @@ class DINOHead(ProjectionHead):
 
     def official_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights under DINOv3's ``DINOHead`` names: ``mlp.{0,2,4}.*`` (``mlp.*`` for one layer), ``last_layer.weight``."""
-        return _internal_to_official({k: v.detach().cpu().clone() for k, v in self.state_dict().items()})
+        return run_checkpoint.official_head_names({k: v.detach().cpu().clone() for k, v in self.state_dict().items()})
 
     def load_official_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         single = len(self.layers) == 1
@@ -180,38 +179,19 @@ class StartingPoint:
 def read_starting_point(path: str) -> StartingPoint:
     """Reads a pretraining run checkpoint (its *teacher*), a MedDINOv3 teacher file (backbone + heads), or any
     encoder file `read_checkpoint` understands (backbone only)."""
-    obj = _torch_load(str(path))
-    if isinstance(obj, dict) and obj.get("format") == RUN_CHECKPOINT_FORMAT:
-        teacher = obj["teacher"]
-        arch = EncoderArch.from_dict(obj["arch"])
-        backbone = {k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")}
-        heads = {}
-        for head in ("dino_head", "ibot_head"):
-            state = {k[len(head) + 1:]: v for k, v in teacher.items() if k.startswith(head + ".")}
-            heads[head] = _internal_to_official(state)
-        checkpoint = EncoderCheckpoint(path=str(path), format="meddinov3_nnunet_run", arch=arch, state_dict=backbone,
-                                       meta={"step": obj.get("step")})
-        return StartingPoint(checkpoint, heads["dino_head"], heads["ibot_head"])
-    checkpoint = read_checkpoint(path)
+    path = str(path)
+    obj = load_torch_file(path)  # read once, whatever the format
+    if run_checkpoint.is_run_checkpoint(obj):
+        obj = run_checkpoint.checked(obj, path)
+        checkpoint = EncoderCheckpoint(path=path, format="meddinov3_nnunet_run", arch=run_checkpoint.arch(obj),
+                                       state_dict=run_checkpoint.backbone_state(obj), meta={"step": obj.get("step")})
+        return StartingPoint(checkpoint, **run_checkpoint.head_states(obj))
+    checkpoint = checkpoint_from_object(obj, path)
     point = StartingPoint(checkpoint)
     if checkpoint.format == "meddinov3_teacher":
-        teacher = obj["teacher"]
-        for head in ("dino_head", "ibot_head"):
-            state = {k[len(head) + 1:]: v for k, v in teacher.items() if k.startswith(head + ".")}
-            setattr(point, head, state or None)
+        for head in run_checkpoint.HEADS:
+            setattr(point, head, strip_prefix(obj["teacher"], head) or None)
     return point
-
-
-def _internal_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``layers.N.*`` -> ``mlp.N.*`` (a single-layer head stores ``layers.0.*`` -> ``mlp.*``)."""
-    layer_ids = {k.split(".")[1] for k in state if k.startswith("layers.")}
-    single = layer_ids == {"0"}
-    out = {}
-    for key, value in state.items():
-        if key.startswith("layers."):
-            key = "mlp." + (key.split(".", 2)[2] if single else key[len("layers."):])
-        out[key] = value
-    return out
 
 
 def check_fits(point: StartingPoint, arch: EncoderArch, what: str, fix: str) -> None:
@@ -219,8 +199,8 @@ def check_fits(point: StartingPoint, arch: EncoderArch, what: str, fix: str) -> 
     if not isclose_arch(point.checkpoint.arch, arch):
         raise CheckpointError(
             f"{point.checkpoint.path} (detected format: {point.checkpoint.format}) cannot be used as {what}: it "
-            f"holds a different encoder ({_describe(point.checkpoint.arch)}) than the config's model.arch "
-            f"({_describe(arch)}). {fix}")
+            f"holds a different encoder ({describe_arch(point.checkpoint.arch)}) than the config's model.arch "
+            f"({describe_arch(arch)}). {fix}")
 
 
 def initialise_branch(branch: Branch, point: StartingPoint, with_heads: bool) -> list[str]:

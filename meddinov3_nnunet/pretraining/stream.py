@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .corpus import Corpus, expand_ranges, normalise_slice, read_volume
+from .corpus import Corpus
+from .volumes import expand_ranges, normalise_slice, read_volume
 
 log = logging.getLogger(__name__)
 

@@ -15,39 +15,31 @@ import copy
 import logging
 import math
 import os
-import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from lightly.models.utils import update_momentum
-from lightly.utils.scheduler import cosine_schedule
 
-from meddinov3_nnunet.atomic_io import atomic_path
 from meddinov3_nnunet.errors import DivergedError, InputError
-from meddinov3_nnunet.models.checkpoints import CheckpointError, atomic_save, load_into
+from meddinov3_nnunet.models.checkpoints import load_into
 from meddinov3_nnunet.models.encoder import DINOv3Encoder
 
-from . import augment
+from . import augment, run_checkpoint
 from .config import ConfigError, PretrainConfig, differences, dump_yaml, encoder_arch, from_dict
 from .corpus import Corpus, CorpusError, settings_from_config
-from .losses import GramLoss, dino_cross_entropy, ibot_masked_cross_entropy, koleo_loss, sinkhorn_knopp
-from .model import (RUN_CHECKPOINT_FORMAT, build_branch, check_fits, initialise_branch, param_groups,
-                    read_starting_point)
+from .distributed import DistContext
+from .model import build_branch, check_fits, initialise_branch, param_groups, read_starting_point
+from .objective import PretrainingObjective, to_student_grid
 from .progress import MetricsLog, plot_metrics
+from .run_checkpoint import CHECKPOINT_NAME, load_run_checkpoint
+from .schedules import apply_schedules, schedules_at
 from .stream import ShardPlan, SliceStream
 
 log = logging.getLogger(__name__)
 
-RUN_CHECKPOINT_VERSION = 1
-CHECKPOINT_NAME = "checkpoint.pth"
 
 
 class ResumeError(InputError):
@@ -56,129 +48,6 @@ class ResumeError(InputError):
 
 class NonFiniteLossError(DivergedError):
     """A NaN/inf loss or gradient; the run stops, the last good checkpoint is kept."""
-
-
-# ---------------------------------------------------------------------------------------------
-# schedules
-# ---------------------------------------------------------------------------------------------
-def schedule_value(schedule, step: int, total: int) -> float:
-    """DINOv3's ``linear_warmup_cosine_decay`` at ``step``: linear from start to peak over the warm-up, then
-    lightly's `cosine_schedule` from peak to end over the remaining steps."""
-    warmup = min(schedule.warmup_iterations, total)
-    if step < warmup:
-        return schedule.start + (schedule.peak - schedule.start) * step / warmup
-    remaining = total - warmup
-    return cosine_schedule(min(step - warmup, max(remaining - 1, 0)), remaining, schedule.peak, schedule.end)
-
-
-def schedules_at(optim, step: int) -> dict:
-    total = optim.iterations
-    lr = schedule_value(optim.lr, step, total)
-    return {
-        "lr": lr,
-        "last_layer_lr": 0.0 if step < optim.freeze_last_layer_iterations else lr,
-        "weight_decay": schedule_value(optim.weight_decay, step, total),
-        "momentum": schedule_value(optim.momentum, step, total),
-        "teacher_temp": schedule_value(optim.teacher_temp, step, total),
-    }
-
-
-def apply_schedules(optimizer: torch.optim.Optimizer, values: dict) -> None:
-    for group in optimizer.param_groups:
-        base = values["last_layer_lr"] if group["is_last_layer"] else values["lr"]
-        group["lr"] = base * group["lr_multiplier"]
-        group["weight_decay"] = values["weight_decay"] * group["wd_multiplier"]
-
-
-# ---------------------------------------------------------------------------------------------
-# distributed context
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class DistContext:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls, device: str | None = None) -> "DistContext":
-        """torchrun's RANK / WORLD_SIZE / LOCAL_RANK; a single process when they are absent."""
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
-        if use_cuda and not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-        torch_device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(torch_device)
-        if world_size > 1 and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        return cls(rank, world_size, local_rank, torch_device)
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on some rank."""
-        if self.world_size == 1:
-            return flag
-        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item() > 0)
-
-    def mean(self, values: dict[str, float]) -> dict[str, float]:
-        if self.world_size == 1 or not values:
-            return values
-        keys = sorted(values)
-        tensor = torch.tensor([float(values[k]) for k in keys], device=self.device, dtype=torch.float64)
-        dist.all_reduce(tensor)
-        return {k: v / self.world_size for k, v in zip(keys, tensor.tolist())}
-
-
-# ---------------------------------------------------------------------------------------------
-# RNG state
-# ---------------------------------------------------------------------------------------------
-def rng_state(device: torch.device) -> dict:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _as_tuple(value):
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-# ---------------------------------------------------------------------------------------------
-# the run
-# ---------------------------------------------------------------------------------------------
-def load_run_checkpoint(path: str | os.PathLike) -> dict:
-    from meddinov3_nnunet.models.checkpoints import _torch_load
-
-    obj = _torch_load(str(path))
-    if not isinstance(obj, dict) or obj.get("format") != RUN_CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a pretraining run checkpoint (written by `meddinov3-nnunet pretrain`)")
-    if obj.get("format_version") != RUN_CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: run checkpoint version {obj.get('format_version')} is not supported by this "
-                              f"version of meddinov3-nnunet")
-    return obj
 
 
 class PretrainingRun:
@@ -194,7 +63,18 @@ class PretrainingRun:
         self.progress = progress
         self.ctx = context or DistContext.from_env(device)
         self.checkpoint_path = self.output_dir / CHECKPOINT_NAME
-        self.prepared = False
+        # progress: check() -> prepare() -> build(); each sets its flag and what it found
+        self.checked = self.prepared = self.built = False
+        self.arch = None
+        self.rank_batch = 0
+        self.saved: dict | None = None  # the run checkpoint being resumed, until build() has taken it in
+        self.init_point = None
+        self.gram_point = None
+        self.corpus: Corpus | None = None
+        self.init_notes: list[str] = []
+        self.start_step = 0
+        self.student = self.teacher = self.model = self.gram_teacher = None  # set by build()
+        self.optimizer = self.objective = self.loader = None
 
     # -- checks ---------------------------------------------------------------------------------
     def check(self) -> "PretrainingRun":
@@ -207,7 +87,6 @@ class PretrainingRun:
             raise ConfigError(f"config value optim.batch_size: {cfg.optim.batch_size} is not divisible by the "
                               f"{self.ctx.world_size} ranks; change it or the number of processes")
         self.rank_batch = cfg.optim.batch_size // self.ctx.world_size
-        self.saved = None
         if self.resume:
             if not self.checkpoint_path.is_file():
                 raise ResumeError(f"--resume: {self.checkpoint_path} does not exist; nothing to resume in "
@@ -227,12 +106,10 @@ class PretrainingRun:
         elif self.checkpoint_path.exists():
             raise ResumeError(f"{self.output_dir} already holds a run ({self.checkpoint_path}); pass --resume to "
                               f"continue it, or choose another --output.")
-        self.init_point = None
         if cfg.model.init and not self.resume:
             self.init_point = read_starting_point(cfg.model.init)
             check_fits(self.init_point, self.arch, "--init (model.init)",
                        f"Use a {cfg.model.arch} checkpoint or set model.arch to the checkpoint's size.")
-        self.gram_point = None
         if cfg.gram.enabled:
             if not cfg.gram.teacher:
                 raise ConfigError("gram.enabled needs a Gram teacher: pass --gram-teacher PATH (an earlier run "
@@ -245,7 +122,7 @@ class PretrainingRun:
 
     def prepare(self) -> "PretrainingRun":
         """`check`, then the corpus: its settings, and enough volumes for every data shard."""
-        if not getattr(self, "checked", False):
+        if not self.checked:
             self.check()
         cfg = self.config
         self.corpus = Corpus.load(self.corpus_path, settings_from_config(cfg))
@@ -271,7 +148,6 @@ class PretrainingRun:
         cfg, ctx = self.config, self.ctx
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.student = build_branch(cfg)
-        self.init_notes = []
         if self.init_point is not None:
             self.init_notes = initialise_branch(self.student, self.init_point, cfg.model.init_heads)
         self.teacher = copy.deepcopy(self.student)
@@ -286,7 +162,6 @@ class PretrainingRun:
         self.optimizer = torch.optim.AdamW(param_groups(self.student, cfg.optim.layerwise_decay,
                                                         cfg.optim.patch_embed_lr_mult),
                                            betas=tuple(cfg.optim.adamw_betas))
-        self.start_step = 0
         if self.saved is not None:
             self.student.load_state_dict(self.saved["student"])
             self.teacher.load_state_dict(self.saved["teacher"])
@@ -297,7 +172,7 @@ class PretrainingRun:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                 broadcast_buffers=False)
-        self.gram_loss = GramLoss(cfg.gram.remove_negatives)
+        self.objective = PretrainingObjective(cfg, gram_enabled=self.gram_teacher is not None)
         self.loader = torch.utils.data.DataLoader(
             SliceStream(self.corpus, self.rank_batch, augment.MultiCrop(cfg.crops),
                         _Collate(self.arch.patch_size, cfg.ibot), seed=cfg.train.seed, rank=ctx.rank,
@@ -309,10 +184,11 @@ class PretrainingRun:
             prefetch_factor=2 if cfg.data.num_workers > 0 else None)
         # per-rank randomness (drop path) after the shared initialisation, restored exactly on resume
         if self.saved is not None:
-            set_rng_state(self.saved["rng"][ctx.rank], ctx.device)
+            run_checkpoint.set_rng_state(self.saved["rng"][ctx.rank], ctx.device)
             self.saved = None  # the loaded weights and optimiser state now live in the modules; free the copy
         else:
             torch.manual_seed(cfg.train.seed * 1000 + ctx.rank + 1)
+        self.built = True
 
     # -- one step ---------------------------------------------------------------------------------
     def _autocast(self):
@@ -321,20 +197,13 @@ class PretrainingRun:
         return nullcontext()
 
     def _step(self, batch: dict, values: dict) -> tuple[torch.Tensor, dict]:
-        cfg = self.config
         device = self.ctx.device
         global_crops = batch["global_crops"].to(device, non_blocking=True)
         local_crops = batch["local_crops"].to(device, non_blocking=True)
         masks = batch["masks"].to(device, non_blocking=True)
         mask_indices = batch["mask_indices"].to(device, non_blocking=True)
-        n_global, n_images = 2, global_crops.shape[0] // 2
-        teacher_temp = values["teacher_temp"]
         with self._autocast():
             teacher = self.teacher.teacher_forward(global_crops, mask_indices)
-            teacher_cls = sinkhorn_knopp(teacher["global_cls_logits"], teacher_temp,
-                                         cfg.dino.sinkhorn_iterations).unflatten(0, (n_global, n_images))
-            teacher_patches = sinkhorn_knopp(teacher["masked_patch_logits"], teacher_temp, cfg.dino.sinkhorn_iterations,
-                                             n_samples=mask_indices.numel())
             student = self.model(global_crops, local_crops, masks, mask_indices)
             gram_targets = None
             if self.gram_teacher is not None:
@@ -343,96 +212,44 @@ class PretrainingRun:
                     features = self.gram_teacher.forward_features(
                         gram_crops.expand(-1, self.arch.in_chans, -1, -1))["x_norm_patchtokens"]
                 gram_targets = self._to_student_grid(features, global_crops.shape[-1])
-
-        dino_cfg = cfg.dino
-        local_logits = student["local_cls_logits"].unflatten(0, (-1, n_images))
-        global_logits = student["global_cls_logits"].unflatten(0, (n_global, n_images))
-        n_local = local_logits.shape[0]
-        global_terms = n_global * (n_global - 1) if dino_cfg.global_ignore_diagonal else n_global ** 2
-        local_terms = n_global * n_local
-        dino_local = dino_cross_entropy(local_logits, teacher_cls, dino_cfg.student_temp)
-        dino_global = dino_cross_entropy(global_logits, teacher_cls, dino_cfg.student_temp,
-                                         ignore_diagonal=dino_cfg.global_ignore_diagonal)
-        # DINOv3's weighting: each part scaled by its share of (student, teacher) crop pairs
-        dino = (dino_local * local_terms * dino_cfg.local_loss_weight + dino_global * global_terms) / (
-            global_terms + local_terms)
-        koleo = sum(koleo_loss(cls) for cls in student["global_cls"].unflatten(0, (n_global, n_images))) / n_global
-        ibot = ibot_masked_cross_entropy(student["masked_patch_logits"], teacher_patches, masks,
-                                         dino_cfg.student_temp)
-        total = dino_cfg.loss_weight * dino + dino_cfg.koleo_loss_weight * n_global * koleo + cfg.ibot.loss_weight * ibot
-        parts = {"dino": dino, "dino_global": dino_global, "dino_local": dino_local, "ibot": ibot, "koleo": koleo}
-        if gram_targets is not None:
-            gram = self.gram_loss(student["global_patches"], gram_targets)
-            total = total + cfg.gram.loss_weight * gram
-            parts["gram"] = gram
-        parts["total"] = total
-        return total, {k: float(v.detach()) for k, v in parts.items()}
+        return self.objective(student, teacher, masks, mask_indices, values["teacher_temp"], gram_targets)
 
     def _to_student_grid(self, features: torch.Tensor, student_size: int) -> torch.Tensor:
-        """Gram-teacher patch tokens (B, Ng, D) resized onto the student's grid (B, N, D), as DINOv3."""
-        cfg = self.config.gram
-        teacher_side = int(math.isqrt(features.shape[1]))
-        student_side = student_size // self.arch.patch_size
-        if teacher_side == student_side:
-            return features
-        grid = features.transpose(1, 2).unflatten(-1, (teacher_side, teacher_side)).float()
-        kwargs = {"align_corners": False} if cfg.resize_mode in ("bicubic", "bilinear") else {}
-        if cfg.resize_mode in ("bicubic", "bilinear"):
-            kwargs["antialias"] = cfg.resize_antialias
-        grid = F.interpolate(grid, size=(student_side, student_side), mode=cfg.resize_mode, **kwargs)
-        return grid.flatten(-2).transpose(1, 2)
+        return to_student_grid(features, student_size // self.arch.patch_size, self.config.gram)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> Path | None:
         """Atomic ``checkpoint.pth`` after ``step`` completed steps (+ a kept copy every ``keep_every``)."""
         ctx = self.ctx
-        state = rng_state(ctx.device)
-        fingerprint = self.weights_fingerprint()
-        states, fingerprints = [None] * ctx.world_size, [None] * ctx.world_size
-        if ctx.world_size > 1:
-            dist.all_gather_object(states, state)
-            dist.all_gather_object(fingerprints, fingerprint)
-        else:
-            states, fingerprints = [state], [fingerprint]
+        states = ctx.gather(run_checkpoint.rng_state(ctx.device))
+        fingerprints = ctx.gather(run_checkpoint.fingerprint(self.student, self.teacher))
         if any(not torch.equal(f, fingerprints[0]) for f in fingerprints):
             raise RuntimeError(f"ranks hold different weights at step {step} (DDP out of sync); not saving")
         if ctx.is_main:
             payload = {
-                "format": RUN_CHECKPOINT_FORMAT, "format_version": RUN_CHECKPOINT_VERSION,
                 "step": step, "config": self.config.to_dict(), "arch": self.arch.to_dict(),
                 "world_size": ctx.world_size,
                 "corpus": {"path": os.path.abspath(self.corpus_path), "volumes": len(self.corpus),
                            "slices": self.corpus.num_slices},
-                "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
-                "teacher": {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()},
+                "student": run_checkpoint.cpu_state(self.student),
+                "teacher": run_checkpoint.cpu_state(self.teacher),
                 "optimizer": self.optimizer.state_dict(),
                 "schedules": schedules_at(self.config.optim, max(step - 1, 0)),
                 "data_position": {"next_step": step, "samples_per_rank": step * self.rank_batch},
                 "rng": states,
-                "rank_fingerprints": fingerprints,  # per rank: (sum, sum of squares) of every student/teacher tensor
+                "rank_fingerprints": fingerprints,
             }
-            atomic_save(payload, self.checkpoint_path)
-            if step % self.config.train.keep_every == 0:
-                kept = self.output_dir / f"checkpoint_step{step:07d}.pth"
-                with atomic_path(kept) as tmp:
-                    shutil.copyfile(self.checkpoint_path, tmp)
+            keep = step % self.config.train.keep_every == 0
+            run_checkpoint.save(payload, self.checkpoint_path,
+                                self.output_dir / run_checkpoint.kept_name(step) if keep else None)
         ctx.barrier()
         return self.checkpoint_path if ctx.is_main else None
 
-    @torch.no_grad()
-    def weights_fingerprint(self) -> torch.Tensor:
-        """(sum, sum of squares) of every student and teacher tensor in float64: equal on all ranks iff in sync
-        (up to an astronomically unlikely collision)."""
-        tensors = list(self.student.state_dict().values()) + list(self.teacher.state_dict().values())
-        return torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in tensors]).cpu()
-
     # -- the loop -----------------------------------------------------------------------------------
     def run(self, stop_at_step: int | None = None, time_limit_minutes: float | None = None) -> dict:
-        if not self.prepared:
-            self.prepare()
-        cfg, ctx = self.config, self.ctx
-        if not hasattr(self, "student"):
+        if not self.built:
             self.build()
+        cfg, ctx = self.config, self.ctx
         total_steps = cfg.optim.iterations
         stop = min(total_steps, stop_at_step) if stop_at_step is not None else total_steps
         if ctx.is_main:
@@ -534,4 +351,4 @@ def _worker_init(_worker_id: int) -> None:
 
 
 def config_from_checkpoint(path: str | os.PathLike) -> PretrainConfig:
-    return from_dict(load_run_checkpoint(path)["config"], origin=str(path))
+    return from_dict(run_checkpoint.config_dict(path), origin=str(path))

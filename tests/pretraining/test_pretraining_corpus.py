@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from meddinov3_nnunet.pretraining import augment
-from meddinov3_nnunet.pretraining.corpus import (Corpus, CorpusError, Source, build_corpus, expand_ranges,
-                                                 make_case_filter, normalise_slice, parse_source, read_volume,
-                                                 settings_from_config)
+from meddinov3_nnunet.pretraining.corpus import (Corpus, CorpusError, Source, build_corpus, make_case_filter,
+                                                 parse_source, settings_from_config)
 from meddinov3_nnunet.pretraining.stream import ShardPlan, SliceStream
+from meddinov3_nnunet.pretraining.volumes import expand_ranges, normalise_slice, read_volume
 
 from pretraining_helpers import one_torch_thread  # noqa: F401  (autouse: one torch thread)
 from pretraining_helpers import ct_volume, dicom_series, mri_volume, nnunet_dataset, tiny_config, write_volume

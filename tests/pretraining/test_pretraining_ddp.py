@@ -4,13 +4,15 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
-from meddinov3_nnunet.pretraining.train import load_run_checkpoint
+from meddinov3_nnunet.pretraining.run_checkpoint import load_run_checkpoint
 
 from pretraining_helpers import TINY_TEST_OVERRIDES, ct_volume, write_volume
 
 
+@pytest.mark.slow  # two torchrun processes
 def test_two_cpu_ranks_under_torchrun_stay_in_sync(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(4):

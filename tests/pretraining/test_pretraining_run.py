@@ -12,12 +12,13 @@ from meddinov3_nnunet.models.checkpoints import (CheckpointError, encoder_state,
 from meddinov3_nnunet.models.encoder import build_encoder
 from meddinov3_nnunet.models.network import build_network
 from meddinov3_nnunet.models.presets import preset
-from meddinov3_nnunet.pretraining import train as train_module
+from meddinov3_nnunet.pretraining import objective as objective_module
 from meddinov3_nnunet.pretraining.corpus import Source, build_corpus, settings_from_config
 from meddinov3_nnunet.pretraining.export import export_run
 from meddinov3_nnunet.pretraining.model import initialise_branch, read_starting_point
-from meddinov3_nnunet.pretraining.train import (NonFiniteLossError, PretrainingRun, ResumeError, load_run_checkpoint,
-                                                schedules_at)
+from meddinov3_nnunet.pretraining.run_checkpoint import load_run_checkpoint
+from meddinov3_nnunet.pretraining.schedules import schedules_at
+from meddinov3_nnunet.pretraining.train import NonFiniteLossError, PretrainingRun, ResumeError
 
 from pretraining_helpers import one_torch_thread  # noqa: F401  (autouse: one torch thread)
 from pretraining_helpers import TINY_TEST_OVERRIDES, ct_volume, tiny_config, write_volume
@@ -135,14 +136,14 @@ def test_init_with_another_architecture_fails_before_any_work(manifest, tmp_path
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(manifest, tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
-    real = train_module.koleo_loss
+    real = objective_module.koleo_loss
 
     def koleo_turning_nan(features):
         calls["n"] += 1
         value = real(features)
         return value * float("nan") if calls["n"] > 2 * 3 else value  # two global crops per step: NaN from step 3
 
-    monkeypatch.setattr(train_module, "koleo_loss", koleo_turning_nan)
+    monkeypatch.setattr(objective_module, "koleo_loss", koleo_turning_nan)
     with pytest.raises(NonFiniteLossError, match=r"(?s)non-finite loss at step 3 .*checkpoint .* \(after step 2\) is kept"):
         run(tiny_config("train.checkpoint_every=2"), manifest, tmp_path)
     assert load_run_checkpoint(tmp_path / "checkpoint.pth")["step"] == 2

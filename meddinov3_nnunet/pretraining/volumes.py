@@ -1,0 +1,159 @@
+"""Reading one volume and turning it into normalised axial slices: the per-volume half of the corpus.
+
+`read_volume` reads a file or a DICOM series (SimpleITK), reoriented to LPS so that ``array[z]`` is an
+axial slice; `index_volume` decides a volume's modality, its normalisation ``[low, high, offset, scale]`` and
+the slices that pass the filters (see `corpus` for the rules); `normalise_slice` applies the normalisation
+when slices are streamed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+
+@dataclass
+class Candidate:
+    """A volume to index."""
+
+    source: int
+    path: str  # a file, or the folder of a DICOM series
+    case: str
+    modality: str  # 'auto' | 'ct' | 'mri'
+    channel: int | None = None
+    series: str | None = None  # DICOM series instance UID
+
+
+def read_volume(path: str, series: str | None = None) -> tuple[np.ndarray, tuple[float, float, float], "object"]:
+    """Array (z, y, x) in LPS orientation (axial slices along axis 0), spacing (z, y, x) in mm, and the image.
+
+    The one place the pretraining code reads a volume (indexing, streaming, the linear probe): a verified
+    project-wide reader replaces `_read_image` here and nowhere else."""
+    import SimpleITK as sitk
+
+    image = _read_image(path, series)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"{image.GetNumberOfComponentsPerPixel()}-component pixels (colour or vector image)")
+    if image.GetDimension() == 3:
+        image = sitk.DICOMOrient(image, "LPS")
+    elif image.GetDimension() != 2:
+        raise ValueError(f"{image.GetDimension()}D image; only 2D and 3D volumes are supported")
+    array = sitk.GetArrayFromImage(image)
+    spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
+    if array.ndim == 2:
+        array = array[None]
+        spacing = (1.0,) + spacing
+    return array, spacing, image
+
+
+def _read_image(path: str, series: str | None):
+    """SimpleITK image of a file, or of DICOM series ``series`` in folder ``path``."""
+    import SimpleITK as sitk
+
+    if series is None:
+        return sitk.ReadImage(path)
+    names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(path, series)
+    if not names:
+        raise OSError(f"DICOM series {series} has no files in {path}")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(names)
+    return reader.Execute()
+
+
+def dicom_modality(path: str, series: str) -> str | None:
+    import SimpleITK as sitk
+
+    names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(path, series)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(names[0])
+    reader.ReadImageInformation()
+    if reader.HasMetaDataKey("0008|0060"):
+        return reader.GetMetaData("0008|0060").strip().upper()
+    return None
+
+
+def normalise_slice(raw: np.ndarray, norm: Sequence[float]) -> np.ndarray:
+    """``(clip(raw, low, high) - offset) / scale`` as float32, with ``norm = [low, high, offset, scale]``."""
+    low, high, offset, scale = norm
+    return ((np.clip(raw.astype(np.float32), low, high) - offset) / scale).astype(np.float32)
+
+
+def subsample(array: np.ndarray, limit: int = 4_000_000) -> np.ndarray:
+    flat = array.reshape(-1)
+    step = max(1, flat.size // limit)
+    return flat[::step]
+
+
+def slice_ranges(indices: Iterable[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for i in indices:
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out
+
+
+def expand_ranges(ranges: Sequence[Sequence[int]]) -> np.ndarray:
+    if not ranges:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([np.arange(a, b) for a, b in ranges])
+
+
+def index_volume(candidate: Candidate, settings: dict) -> dict:
+    """Reads one volume and decides its modality, normalisation and kept slices. Returns a manifest entry,
+    or ``{'skipped': reason}`` (never raises for a bad file)."""
+    try:
+        array, spacing, _ = read_volume(candidate.path, candidate.series)
+    except Exception as err:  # SimpleITK/GDCM/ITK raise RuntimeError for damaged files; anything else too
+        return {"skipped": f"unreadable ({short_error(err)})"}
+    try:
+        modality = candidate.modality
+        if modality == "auto":
+            tag = dicom_modality(candidate.path, candidate.series) if candidate.series else None
+            if tag is not None:
+                modality = "ct" if tag == "CT" else "mri"
+            else:
+                modality = "ct" if float(np.percentile(subsample(array), 1.0)) < -500 else "mri"
+        if modality == "ct":
+            low, high = settings["ct_hu_window"]
+            offset, scale = settings["ct_zscore"]
+            foreground_level = settings["ct_air_hu"]
+        else:
+            sample = subsample(array).astype(np.float64)
+            low, high = (float(v) for v in np.percentile(sample, settings["mri_percentiles"]))
+            clipped = np.clip(sample, low, high)
+            offset, scale = float(clipped.mean()), float(clipped.std())
+            foreground_level = low
+            if not np.isfinite(scale) or scale < 1e-8 or high <= low:
+                return {"skipped": "constant volume (no intensity variation)"}
+        norm = [float(low), float(high), float(offset), float(scale)]
+        kept = []
+        for start in range(0, array.shape[0], 16):
+            slab = array[start:start + 16]
+            foreground = (slab > foreground_level).reshape(slab.shape[0], -1).mean(axis=1)
+            stds = normalise_slice(slab, norm).reshape(slab.shape[0], -1).std(axis=1)
+            for offset_z, (fg, sd) in enumerate(zip(foreground, stds)):
+                if fg >= settings["min_foreground_fraction"] and sd >= settings["min_slice_std"]:
+                    kept.append(start + offset_z)
+        if not kept:
+            return {"skipped": f"no slice passed the filters (empty or near-constant; {array.shape[0]} slices)"}
+        entry = {
+            "case": candidate.case, "source": candidate.source, "path": candidate.path, "modality": modality,
+            "shape": [int(s) for s in array.shape], "spacing": [round(s, 6) for s in spacing], "norm": norm,
+            "slices": slice_ranges(kept), "n_slices": len(kept),
+        }
+        if candidate.series is not None:
+            entry["series"] = candidate.series
+        if candidate.channel is not None:
+            entry["channel"] = candidate.channel
+        return entry
+    except Exception as err:
+        return {"skipped": f"could not be indexed ({short_error(err)})"}
+
+
+def short_error(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    message = next((line.strip() for line in text if line.strip() and not line.startswith(("/", "  "))), "")
+    return f"{type(err).__name__}: {message}"[:200] if message else type(err).__name__
