@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from meddinov3_nnunet.atomic_io import save_figure_atomic
+from meddinov3_nnunet.errors import InputError
+from meddinov3_nnunet.nnunet.budget import ITERS_PER_EPOCH, NUM_EPOCHS, VAL_ITERS
+from meddinov3_nnunet.nnunet.environment import dataset_id, nnunet_tool, plugin_environment, run_logged
 
 SYNTHETIC_NAME = "Dataset990_SyntheticDemo"
 
@@ -93,14 +94,17 @@ def make_synthetic_dataset(raw_root: Path, cases: int, test_cases: int, seed: in
 
 def link_real_dataset(source: Path, raw_root: Path, cases: int, test_cases: int) -> tuple[str, Path, Path]:
     """Links the first ``cases`` cases of a real raw dataset; the last ``test_cases`` of them are held out."""
+    dataset_id(source.name)  # nnU-Net needs the DatasetXXX_Name form
     dataset_json = source / "dataset.json"
     if not dataset_json.is_file() or not (source / "labelsTr").is_dir():
-        raise ValueError(f"{source} is not an nnU-Net raw dataset (needs dataset.json, imagesTr/, labelsTr/)")
+        raise InputError(f"{source} is not an nnU-Net raw dataset (needs dataset.json, imagesTr/, labelsTr/); "
+                         f"pass --data a folder like nnUNet_raw/Dataset004_Hippocampus")
     meta = json.loads(dataset_json.read_text())
     ending = meta["file_ending"]
     identifiers = sorted(p.name[: -len(ending)] for p in (source / "labelsTr").iterdir() if p.name.endswith(ending))
     if len(identifiers) < test_cases + 2:
-        raise ValueError(f"{source} has {len(identifiers)} labelled cases; need at least {test_cases + 2}")
+        raise InputError(f"{source} has {len(identifiers)} labelled cases; need at least {test_cases + 2} "
+                         f"(or lower --test-cases)")
     identifiers = identifiers[:cases]
     target = raw_root / source.name
     test_images, test_labels = target / "imagesTs_demo", target / "labelsTs_demo"
@@ -121,7 +125,7 @@ def link_real_dataset(source: Path, raw_root: Path, cases: int, test_cases: int)
 
 def _symlink(source: Path, link: Path) -> None:
     if not source.is_file():
-        raise ValueError(f"{source} is missing")
+        raise InputError(f"{source} is missing: the dataset lists a case whose file is not there")
     if not link.exists():
         link.symlink_to(source.resolve())
 
@@ -129,24 +133,16 @@ def _symlink(source: Path, link: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # pipeline
 # ---------------------------------------------------------------------------------------------
-def _run(step: str, command: list[str], env: dict, log: Path) -> None:
+# lines of the tools' output that the demo shows (all of it goes to demo.log)
+SHOWN_LINES = ("Epoch ", "train_loss", "val_loss", "Pseudo dice", "Mean Validation", "encoder:", "configuration '",
+               "error", "Error")
+
+
+def _step(step: str, command: list[str], env: dict, log: Path) -> None:
     print(f"\n[{step}] $ {' '.join(command)}", flush=True)
     start = time.time()
-    with open(log, "a") as handle:
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in process.stdout:
-            handle.write(line)
-            if any(key in line for key in ("Epoch ", "train_loss", "val_loss", "Pseudo dice", "Mean Validation",
-                                           "encoder:", "configuration '", "error", "Error")):
-                print("   " + line.rstrip(), flush=True)
-        if process.wait() != 0:
-            raise RuntimeError(f"[{step}] failed (exit code {process.returncode}); full output in {log}")
+    run_logged(command, env, log, echo=SHOWN_LINES)
     print(f"[{step}] done in {time.time() - start:.0f} s", flush=True)
-
-
-def _tool(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else (shutil.which(name) or name)
 
 
 def save_overlay(image_path: Path, label_path: Path, prediction_path: Path, out_png: Path, class_names: dict) -> None:
@@ -179,39 +175,32 @@ def save_overlay(image_path: Path, label_path: Path, prediction_path: Path, out_
 
 
 def run(args: argparse.Namespace) -> int:
-    import meddinov3_nnunet
-
     started = time.time()
     workdir = Path(args.workdir).resolve()
     raw, preprocessed, results = workdir / "nnUNet_raw", workdir / "nnUNet_preprocessed", workdir / "nnUNet_results"
     for folder in (raw, preprocessed, results):
         folder.mkdir(parents=True, exist_ok=True)
     log = workdir / "demo.log"
-    env = dict(os.environ, nnUNet_raw=str(raw), nnUNet_preprocessed=str(preprocessed), nnUNet_results=str(results),
-               nnUNet_extTrainer=meddinov3_nnunet.ext_trainer_dir(),
-               nnUNet_n_proc_DA=os.environ.get("nnUNet_n_proc_DA", "2"),
-               nnUNet_def_n_proc=os.environ.get("nnUNet_def_n_proc", "2"),
-               MEDDINOV3_NUM_EPOCHS=str(args.epochs), MEDDINOV3_ITERS_PER_EPOCH=str(args.iterations),
-               MEDDINOV3_VAL_ITERS="5")
-    try:
-        if args.data:
-            print(f"[data] linking {args.cases} cases of {args.data} ({args.test_cases} held out)")
-            name, test_images, test_labels = link_real_dataset(Path(args.data), raw, args.cases, args.test_cases)
-        else:
-            print(f"[data] writing {args.cases} SYNTHETIC cases to {raw / SYNTHETIC_NAME} ({args.test_cases} held out)")
-            name, test_images, test_labels = make_synthetic_dataset(raw, args.cases, args.test_cases)
-        dataset_id = name[7:10]
-        cli = [sys.executable, "-m", "meddinov3_nnunet.cli"]
-        _run("plan", [_tool("nnUNetv2_plan_and_preprocess"), "-d", dataset_id, "-c", "2d", "-np", "2"], env, log)
-        _run("plan", cli + ["plan", "-d", dataset_id, "--preset", args.preset], env, log)
-        _run("train", [_tool("nnUNetv2_train"), dataset_id, "2d_meddinov3", "0", "-tr", args.trainer,
-                       "-device", args.device], env, log)
-        predictions = workdir / "predictions"
-        _run("predict", [_tool("nnUNetv2_predict"), "-i", str(test_images), "-o", str(predictions), "-d", dataset_id,
-                         "-c", "2d_meddinov3", "-f", "0", "-tr", args.trainer, "-device", args.device], env, log)
-    except (RuntimeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    # the demo's own nnU-Net folders, this plugin's trainers, at most two nnU-Net workers (also on a GPU)
+    env = plugin_environment({**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(preprocessed),
+                              "nnUNet_results": str(results), "nnUNet_extTrainer": "",
+                              NUM_EPOCHS: str(args.epochs), ITERS_PER_EPOCH: str(args.iterations), VAL_ITERS: "5"},
+                             few_workers=True)
+    if args.data:
+        print(f"[data] linking {args.cases} cases of {args.data} ({args.test_cases} held out)")
+        name, test_images, test_labels = link_real_dataset(Path(args.data), raw, args.cases, args.test_cases)
+    else:
+        print(f"[data] writing {args.cases} SYNTHETIC cases to {raw / SYNTHETIC_NAME} ({args.test_cases} held out)")
+        name, test_images, test_labels = make_synthetic_dataset(raw, args.cases, args.test_cases)
+    dataset = str(dataset_id(name))
+    cli = [sys.executable, "-m", "meddinov3_nnunet.cli"]
+    _step("plan", [nnunet_tool("nnUNetv2_plan_and_preprocess"), "-d", dataset, "-c", "2d", "-np", "2"], env, log)
+    _step("plan", cli + ["plan", "-d", dataset, "--preset", args.preset], env, log)
+    _step("train", [nnunet_tool("nnUNetv2_train"), dataset, "2d_meddinov3", "0", "-tr", args.trainer,
+                    "-device", args.device], env, log)
+    predictions = workdir / "predictions"
+    _step("predict", [nnunet_tool("nnUNetv2_predict"), "-i", str(test_images), "-o", str(predictions), "-d", dataset,
+                      "-c", "2d_meddinov3", "-f", "0", "-tr", args.trainer, "-device", args.device], env, log)
 
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO

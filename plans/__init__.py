@@ -1,16 +1,15 @@
 """ViT-aware planning presets (JSON data read by `meddinov3_nnunet.nnunet.planning`)."""
-import json
 from pathlib import Path
+
+from meddinov3_nnunet.named_files import available, load_json
 
 PRESET_DIR = Path(__file__).resolve().parent
 
 
 def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+    return available(PRESET_DIR)
 
 
-def load_preset(name: str) -> dict:
-    path = PRESET_DIR / f"{name}.json"
-    if not path.is_file():
-        raise ValueError(f"unknown planning preset {name!r}; choose one of {available_presets()}")
-    return json.loads(path.read_text())
+def load_preset(name_or_path: str) -> dict:
+    """A shipped planning preset by name, or a preset .json file."""
+    return load_json(name_or_path, PRESET_DIR, "planning preset")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -20,14 +19,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .benchmark import BenchmarkError, run_benchmark
+    from .benchmark import run_benchmark
 
-    try:
-        result = run_benchmark(args.dataset, args.preset, args.rows, args.folds, args.out, args.device,
-                               args.collect_only, args.prepare_only)
-    except (BenchmarkError, RuntimeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = run_benchmark(args.dataset, args.preset, args.rows, args.folds, args.out, args.device,
+                           args.collect_only, args.prepare_only)
     if result:
         print(result["table"])
     return 0

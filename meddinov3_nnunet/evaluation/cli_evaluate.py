@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -16,14 +15,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .folder_evaluation import EvaluationError, evaluate_folders, markdown_table
+    from .folder_evaluation import evaluate_folders, markdown_table
 
-    try:
-        summary = evaluate_folders(args.pred, args.gt, args.dataset_json, args.nsd_tolerance, args.out,
-                                   args.num_processes, args.file_ending)
-    except EvaluationError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    summary = evaluate_folders(args.pred, args.gt, args.dataset_json, args.nsd_tolerance, args.out,
+                               args.num_processes, args.file_ending)
     print(markdown_table(summary))
     print(f"written: {args.out or args.pred}/summary.json, summary.csv, summary.md, per_case.csv")
     return 0

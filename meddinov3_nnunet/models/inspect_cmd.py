@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -11,13 +10,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .checkpoints import CheckpointError, read_checkpoint
+    from .checkpoints import read_checkpoint
 
-    try:
-        ckpt = read_checkpoint(args.path)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    ckpt = read_checkpoint(args.path)
     info = {
         "path": ckpt.path,
         "format": ckpt.format,

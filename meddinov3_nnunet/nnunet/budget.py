@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from meddinov3_nnunet.errors import InputError
+
 NUM_EPOCHS = "MEDDINOV3_NUM_EPOCHS"
 ITERS_PER_EPOCH = "MEDDINOV3_ITERS_PER_EPOCH"
 VAL_ITERS = "MEDDINOV3_VAL_ITERS"  # validation batches per epoch
@@ -17,5 +19,6 @@ def env_int(name: str, default):
     if value in (None, ""):
         return default
     if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"environment variable {name}={value!r} must be a positive integer")
+        raise InputError(f"environment variable {name}={value!r} must be a positive integer; set it to e.g. 10 "
+                         f"or unset it")
     return int(value)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -19,20 +18,24 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", help="encoder weights to fine-tune from, stored in the plans "
                                           "(MEDDINOV3_WEIGHTS wins over it at training time)")
     parser.add_argument("--no-preprocess", action="store_true", help="only write the plans")
+    parser.add_argument("--no-3d", action="store_true", help="do not add 3d_meddinov3 (derived from 3d_fullres when "
+                                                             "the plans have it; for the 3D trainers)")
     parser.add_argument("-np", "--num-processes", type=int, default=2, help="preprocessing processes (default 2)")
 
 
 def run(args: argparse.Namespace) -> int:
     from meddinov3_nnunet.nnunet.planning import plan
 
-    try:
-        dataset_name, vit = plan(args.dataset, args.preset, args.plans, args.target_size, args.max_scale,
-                                 args.batch_size, args.configuration_name, args.weights,
-                                 preprocess=not args.no_preprocess, num_processes=args.num_processes)
-    except ValueError as err:  # PlanningError, CheckpointError: messages name the file and the fix
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    dataset_name, vit = plan(args.dataset, args.preset, args.plans, args.target_size, args.max_scale,
+                             args.batch_size, args.configuration_name, args.weights,
+                             preprocess=not args.no_preprocess, num_processes=args.num_processes,
+                             volumetric=not args.no_3d)
     print(f"{dataset_name}: configuration {vit.configuration_name!r} — spacing {vit.spacing}, patch {vit.patch_size} "
           f"({vit.tokens_per_patch} tokens), batch {vit.batch_size}, in-plane upsampling x{vit.scale:g}")
     print(f"train with: nnUNetv2_train {dataset_name} {vit.configuration_name} FOLD -tr MedDINOv3Trainer")
+    if vit.volumetric is not None:
+        v = vit.volumetric
+        print(f"{dataset_name}: configuration {v.configuration_name!r} — spacing {v.spacing}, patch {v.patch_size} "
+              f"({v.tokens_per_patch} tokens), batch {v.batch_size}; for the 3D trainers: "
+              f"nnUNetv2_train {dataset_name} {v.configuration_name} FOLD -tr MedDINOv3Trainer_3d")
     return 0

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from meddinov3_nnunet.atomic_io import write_text_atomic
 from meddinov3_nnunet.errors import InputError
 from meddinov3_nnunet.plans import load_preset
+
+from .environment import dataset_id, find_dataset_name, required_path
 
 PLANS_KEY = "meddinov3"
 
@@ -30,31 +31,10 @@ class PlanningError(InputError):
     """Bad input to `plan`; the message says what to fix."""
 
 
-def _required_env(name: str) -> Path:
-    value = os.environ.get(name)
-    if not value:
-        raise PlanningError(f"environment variable {name} is not set: nnU-Net needs nnUNet_raw, "
-                            f"nnUNet_preprocessed and nnUNet_results (see nnU-Net's documentation/setting_up_paths.md)")
-    return Path(value)
-
-
-def find_dataset_name(dataset: str | int) -> str:
-    """'4', 4 or 'Dataset004_Hippocampus' -> 'Dataset004_Hippocampus', looked up in nnUNet_preprocessed/nnUNet_raw."""
-    text = str(dataset)
-    if text.startswith("Dataset"):
-        return text
-    try:
-        dataset_id = int(text)
-    except ValueError:
-        raise PlanningError(f"dataset {text!r} is neither an integer id nor a name like Dataset004_Hippocampus") from None
-    prefix = f"Dataset{dataset_id:03d}_"
-    for base in (_required_env("nnUNet_preprocessed"), Path(os.environ.get("nnUNet_raw", "/nonexistent"))):
-        if base.is_dir():
-            matches = sorted(p.name for p in base.iterdir() if p.name.startswith(prefix))
-            if matches:
-                return matches[0]
-    raise PlanningError(f"no dataset with id {dataset_id} in nnUNet_preprocessed ({os.environ.get('nnUNet_preprocessed')}) "
-                        f"or nnUNet_raw ({os.environ.get('nnUNet_raw')}); check the id")
+def round_up_to_patch(size, patch: int = 16) -> list[int]:
+    """Each size rounded up to a multiple of the ViT patch (at least one patch): [56.0, 40] -> [64, 48]. Used by
+    the planning here and by the trainers, which round a stock plan's patch size the same way."""
+    return [max(patch, math.ceil(s / patch) * patch) for s in size]
 
 
 @dataclass(frozen=True)
@@ -83,7 +63,7 @@ def derive_vit_plan(source: dict, target_size: int, max_scale: float, tokens_per
                             f"{source['patch_size']}; derive from a 2D configuration (2d)")
     median = [float(m) for m in source["median_image_size_in_voxels"]]
     scale = min(max(target_size / max(median), 1.0), max_scale)
-    patch = [max(16, math.ceil(p * scale / 16) * 16) for p in source["patch_size"]]
+    patch = round_up_to_patch([p * scale for p in source["patch_size"]])
     tokens = math.prod(patch) // 256
     if batch_size is None:
         batch_size = min(max(tokens_per_batch // tokens, min_batch_size), int(source["batch_size"]))
@@ -104,7 +84,7 @@ def plan(dataset: str | int, preset: str = "default", plans_name: str = "nnUNetP
     Returns (dataset name, plan)."""
     settings = load_preset(preset)
     dataset_name = find_dataset_name(dataset)
-    plans_file = _required_env("nnUNet_preprocessed") / dataset_name / f"{plans_name}.json"
+    plans_file = required_path("nnUNet_preprocessed") / dataset_name / f"{plans_name}.json"
     if not plans_file.is_file():
         raise PlanningError(f"{plans_file} does not exist: run nnU-Net's planning first, e.g. "
                             f"`nnUNetv2_plan_and_preprocess -d {dataset} -c 2d`")
@@ -141,6 +121,6 @@ def plan(dataset: str | int, preset: str = "default", plans_name: str = "nnUNetP
     if preprocess:
         from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess as nnunet_preprocess
 
-        nnunet_preprocess([int(dataset_name[7:10])], plans_name, configurations=[vit.configuration_name],
+        nnunet_preprocess([dataset_id(dataset_name)], plans_name, configurations=[vit.configuration_name],
                           num_processes=[num_processes])
     return dataset_name, vit

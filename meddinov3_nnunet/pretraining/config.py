@@ -14,9 +14,11 @@ from pathlib import Path
 
 import yaml
 
+from meddinov3_nnunet import named_files
 from meddinov3_nnunet.errors import InputError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+YAML_SUFFIXES = (".yaml", ".yml")
 
 
 class ConfigError(InputError):
@@ -189,21 +191,12 @@ def encoder_arch(config: "PretrainConfig"):
 # loading
 # ---------------------------------------------------------------------------------------------
 def available_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    return named_files.available(CONFIG_DIR, YAML_SUFFIXES)
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
     """A shipped recipe name (``stage1_pretrain``) or a path to a YAML file."""
-    candidate = Path(name_or_path)
-    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
-        if not candidate.is_file():
-            raise ConfigError(f"config file {candidate} does not exist; pass a YAML path or one of "
-                              f"{available_configs()}")
-        return candidate
-    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
-    if not shipped.is_file():
-        raise ConfigError(f"unknown config {str(name_or_path)!r}: pass a YAML path or one of {available_configs()}")
-    return shipped
+    return named_files.resolve(name_or_path, CONFIG_DIR, "config", YAML_SUFFIXES, ConfigError)
 
 
 def load_config(name_or_path: str | Path = "stage1_pretrain", overrides: typing.Sequence[str] = ()) -> PretrainConfig:

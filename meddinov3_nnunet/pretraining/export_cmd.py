@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -14,15 +13,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meddinov3_nnunet.models.checkpoints import CheckpointError
-
     from .export import export_run
 
-    try:
-        written = export_run(args.run, args.output_dir, "student" if args.student else "teacher")
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    written = export_run(args.run, args.output_dir, "student" if args.student else "teacher")
     print(f"exported the {written['weights']} of {written['source']} (step {written['step']}/{written['total_steps']}, "
           f"recipe {written['recipe']}):")
     print(f"  {written['encoder']}  (trainer format: MEDDINOV3_WEIGHTS=... or `meddinov3-nnunet plan --weights`)")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -58,68 +57,60 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from meddinov3_nnunet.models.checkpoints import CheckpointError
-
     from . import config as config_module
     from .corpus import CorpusError, Source, build_corpus, make_case_filter, parse_source, settings_from_config
-    from .train import (CHECKPOINT_NAME, DistContext, NonFiniteLossError, PretrainingRun, ResumeError,
-                        config_from_checkpoint)
+    from .distributed import DistContext
+    from .run_checkpoint import CHECKPOINT_NAME
+    from .train import PretrainingRun, ResumeError, config_from_checkpoint
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        output = args.output
-        checkpoint = os.path.join(output, CHECKPOINT_NAME)
-        if args.resume:
-            if args.data or args.manifest:
-                raise ResumeError("--resume continues with the run's own corpus; leave out --data/--manifest")
-            if not os.path.isfile(checkpoint):
-                raise ResumeError(f"--resume: {checkpoint} does not exist; nothing to resume. Start the run "
-                                  f"without --resume.")
-            saved = config_from_checkpoint(checkpoint)
-            # without --config the saved recipe is the base; --set/--init/--gram-teacher must then not change it
-            config = _recipe(config_module, args, base=None if args.config else saved)
-        else:
-            config = _recipe(config_module, args)
-        sources: list[Source] = [parse_source(spec) for spec in args.data]
-        if not args.resume and not args.manifest and not sources:
-            raise CorpusError("no data: pass --data PATH (repeatable) or --manifest corpus.json")
-        if args.manifest and sources:
-            raise CorpusError("pass either --data (build a corpus) or --manifest (use one), not both")
-        if sources:
-            from .corpus import check_sources_exist
+    output = args.output
+    checkpoint = os.path.join(output, CHECKPOINT_NAME)
+    if args.resume:
+        if args.data or args.manifest:
+            raise ResumeError("--resume continues with the run's own corpus; leave out --data/--manifest")
+        if not os.path.isfile(checkpoint):
+            raise ResumeError(f"--resume: {checkpoint} does not exist; nothing to resume. Start the run "
+                              f"without --resume.")
+        saved = config_from_checkpoint(checkpoint)
+        # without --config the saved recipe is the base; --set/--init/--gram-teacher must then not change it
+        config = _recipe(config_module, args, base=None if args.config else saved)
+    else:
+        config = _recipe(config_module, args)
+    sources: list[Source] = [parse_source(spec) for spec in args.data]
+    if not args.resume and not args.manifest and not sources:
+        raise CorpusError("no data: pass --data PATH (repeatable) or --manifest corpus.json")
+    if args.manifest and sources:
+        raise CorpusError("pass either --data (build a corpus) or --manifest (use one), not both")
+    if sources:
+        from .corpus import check_sources_exist
 
-            check_sources_exist(sources)
-        channels = [int(c) for c in args.channels.split(",")] if args.channels else None
-        case_filter = make_case_filter(args.include_cases, args.exclude_cases, args.nnunet_split, args.fold)
+        check_sources_exist(sources)
+    channels = [int(c) for c in args.channels.split(",")] if args.channels else None
+    case_filter = make_case_filter(args.include_cases, args.exclude_cases, args.nnunet_split, args.fold)
 
-        if args.corpus_only:
-            if not sources:
-                raise CorpusError("--corpus-only needs --data")
-            manifest_path = os.path.join(output, "corpus.json")
+    if args.corpus_only:
+        if not sources:
+            raise CorpusError("--corpus-only needs --data")
+        manifest_path = os.path.join(output, "corpus.json")
+        manifest = build_corpus(sources, settings_from_config(config), manifest_path, case_filter, channels,
+                                args.corpus_workers, progress=not args.no_progress)
+        _print_corpus(manifest, manifest_path)
+        return 0
+
+    context = DistContext.from_env(args.device)
+    manifest_path = args.manifest or os.path.join(output, "corpus.json")
+    run_ = PretrainingRun(config, manifest_path, output, resume=args.resume, progress=not args.no_progress,
+                          context=context)
+    run_.check()  # recipe, resume, --init and Gram teacher: before any data is read
+    if sources:
+        if context.is_main:
             manifest = build_corpus(sources, settings_from_config(config), manifest_path, case_filter, channels,
                                     args.corpus_workers, progress=not args.no_progress)
             _print_corpus(manifest, manifest_path)
-            return 0
-
-        context = DistContext.from_env(args.device)
-        manifest_path = args.manifest or os.path.join(output, "corpus.json")
-        run_ = PretrainingRun(config, manifest_path, output, resume=args.resume, progress=not args.no_progress,
-                              context=context)
-        run_.check()  # recipe, resume, --init and Gram teacher: before any data is read
-        if sources:
-            if context.is_main:
-                manifest = build_corpus(sources, settings_from_config(config), manifest_path, case_filter, channels,
-                                        args.corpus_workers, progress=not args.no_progress)
-                _print_corpus(manifest, manifest_path)
-            context.barrier()
-        run_.prepare()
-        summary = run_.run(stop_at_step=args.stop_at_step, time_limit_minutes=args.time_limit_minutes)
-    except (config_module.ConfigError, CorpusError, CheckpointError, ResumeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
+        context.barrier()
+    run_.prepare()
+    summary = run_.run(stop_at_step=args.stop_at_step, time_limit_minutes=args.time_limit_minutes)
     if context.is_main:
         print(f"{summary['status']}: step {summary['step']}/{summary['total_steps']} "
               f"({summary['steps_this_run']} steps in {summary['seconds']} s, {summary['images_per_s']} slices/s); "

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from fake_nnunet import nnunet_paths, write_label
-from meddinov3_nnunet.evaluation.benchmark import (Benchmark, BenchmarkError, Row, load_preset,
-                                                   parse_training_logs)
+from meddinov3_nnunet.evaluation.benchmark import Benchmark, BenchmarkError, Row, load_preset
+from meddinov3_nnunet.evaluation.benchmark_report import parse_training_logs
 
 LOG = """2026-11-28 08:00:00.000000: Epoch 0
 2026-11-28 08:00:00.100000: Current learning rate: 0.0003

@@ -2,7 +2,7 @@
 case, and taken from the last validation when a fold was validated again (--val)."""
 import pytest
 
-from meddinov3_nnunet.evaluation.benchmark import parse_training_logs
+from meddinov3_nnunet.evaluation.benchmark_report import parse_training_logs
 
 # nnU-Net 2.8.1's lines (trailing space included); the first case waits ~100 s for the spawned export pool
 TRAINING = """2026-11-28 08:29:51.068442: Epoch 0 

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from meddinov3_nnunet.evaluation.benchmark import Row, write_outputs
+from meddinov3_nnunet.evaluation.benchmark import Row
+from meddinov3_nnunet.evaluation.benchmark_report import write_outputs
 from meddinov3_nnunet.evaluation.segmentation_metrics import summarise
 
 
