@@ -8,8 +8,6 @@ from pathlib import Path
 
 from meddinov3_nnunet.atomic_io import save_figure_atomic, write_text_atomic
 
-LOSS_KEYS = ("total", "dino", "ibot", "koleo", "gram")
-
 
 class MetricsLog:
     """Appends one JSON object per step; on a resume, lines of steps at or after the resume point (written by
