@@ -8,6 +8,13 @@ import io
 import os
 import platform
 
+from meddinov3_nnunet.autoregister import OPT_OUT, PTH_NAME, discovery_source
+
+DISCOVERY_WAYS = {"auto": f"automatic registration (the start-up file {PTH_NAME}; {OPT_OUT}=1 turns it off)",
+                  "user": "your nnUNet_extTrainer setting",
+                  "off": f"nothing: {OPT_OUT} is set and nnUNet_extTrainer does not list the trainer folder",
+                  "missing": "nothing: nnUNet_extTrainer does not list the trainer folder"}
+
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trainer", default="MedDINOv3Trainer", help="trainer name to look up (default MedDINOv3Trainer)")
@@ -58,9 +65,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"  trainer folder    {ext_dir}")
     configured = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
     print(f"  nnUNet_extTrainer {os.pathsep.join(configured) or 'not set'}")
-    if not any(os.path.realpath(p) == os.path.realpath(ext_dir) for p in configured):
+    source = discovery_source(ext_dir)
+    print(f"  found by          {DISCOVERY_WAYS[source]}")
+    if source in ("off", "missing"):
         missing.append(f'export nnUNet_extTrainer="{ext_dir}"  (add it with "{os.pathsep}" if the variable '
-                       f"already lists other folders)")
+                       f"already lists other folders)" + ("" if source == "off" else
+                       f", or reinstall with pip, whose start-up file {PTH_NAME} does this in every Python"))
     else:
         from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 

@@ -61,13 +61,23 @@ def test_doctor_finds_the_trainers_when_configured(tmp_path):
 
 def test_doctor_lists_what_is_missing(tmp_path):
     env = {k: v for k, v in Workspace(tmp_path).env().items() if k not in ("nnUNet_extTrainer", "nnUNet_results")}
-    env["MEDDINOV3_WEIGHTS"] = str(tmp_path / "absent.pth")
+    env.update(MEDDINOV3_WEIGHTS=str(tmp_path / "absent.pth"), MEDDINOV3_NO_AUTOREGISTER="1")
     result = subprocess.run([sys.executable, "-m", "meddinov3_nnunet.cli", "doctor"], env=env, capture_output=True,
                             text=True)
     assert result.returncode == 1
     missing = result.stdout.split("missing\n", 1)[1]
     assert f'export nnUNet_extTrainer="{meddinov3_nnunet.ext_trainer_dir()}"' in missing
     assert "export nnUNet_results=" in missing and "absent.pth: no such file" in missing
+
+
+def test_doctor_says_how_the_trainers_were_found(tmp_path):
+    user = Workspace(tmp_path).cli("doctor")
+    assert "found by          your nnUNet_extTrainer setting" in user.stdout
+    env = {k: v for k, v in Workspace(tmp_path).env().items() if k != "nnUNet_extTrainer"}
+    auto = subprocess.run([sys.executable, "-m", "meddinov3_nnunet.cli", "doctor"], env=env, capture_output=True,
+                          text=True)  # the installed start-up file registers the folder in this fresh process
+    assert "found by          automatic registration" in auto.stdout
+    assert "MedDINOv3Trainer found: meddinov3_nnunet.trainers.base.MedDINOv3Trainer" in auto.stdout
 
 
 def test_doctor_prints_the_trainer_folder():
