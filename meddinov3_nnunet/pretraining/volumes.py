@@ -101,6 +101,22 @@ def expand_ranges(ranges: Sequence[Sequence[int]]) -> np.ndarray:
     return np.concatenate([np.arange(a, b) for a, b in ranges])
 
 
+def volume_normalisation(array: np.ndarray, modality: str, settings: dict) -> list[float] | None:
+    """``[low, high, offset, scale]`` for `normalise_slice`: CT clipped to the HU window and z-scored with the
+    corpus constants; MRI clipped to its own percentiles and z-scored per volume (None for a constant volume)."""
+    if modality == "ct":
+        low, high = settings["ct_hu_window"]
+        offset, scale = settings["ct_zscore"]
+    else:
+        sample = subsample(array).astype(np.float64)
+        low, high = (float(v) for v in np.percentile(sample, settings["mri_percentiles"]))
+        clipped = np.clip(sample, low, high)
+        offset, scale = float(clipped.mean()), float(clipped.std())
+        if not np.isfinite(scale) or scale < 1e-8 or high <= low:
+            return None
+    return [float(low), float(high), float(offset), float(scale)]
+
+
 def index_volume(candidate: Candidate, settings: dict) -> dict:
     """Reads one volume and decides its modality, normalisation and kept slices. Returns a manifest entry,
     or ``{'skipped': reason}`` (never raises for a bad file)."""
@@ -116,19 +132,10 @@ def index_volume(candidate: Candidate, settings: dict) -> dict:
                 modality = "ct" if tag == "CT" else "mri"
             else:
                 modality = "ct" if float(np.percentile(subsample(array), 1.0)) < -500 else "mri"
-        if modality == "ct":
-            low, high = settings["ct_hu_window"]
-            offset, scale = settings["ct_zscore"]
-            foreground_level = settings["ct_air_hu"]
-        else:
-            sample = subsample(array).astype(np.float64)
-            low, high = (float(v) for v in np.percentile(sample, settings["mri_percentiles"]))
-            clipped = np.clip(sample, low, high)
-            offset, scale = float(clipped.mean()), float(clipped.std())
-            foreground_level = low
-            if not np.isfinite(scale) or scale < 1e-8 or high <= low:
-                return {"skipped": "constant volume (no intensity variation)"}
-        norm = [float(low), float(high), float(offset), float(scale)]
+        norm = volume_normalisation(array, modality, settings)
+        if norm is None:
+            return {"skipped": "constant volume (no intensity variation)"}
+        foreground_level = settings["ct_air_hu"] if modality == "ct" else norm[0]
         kept = []
         for start in range(0, array.shape[0], 16):
             slab = array[start:start + 16]
