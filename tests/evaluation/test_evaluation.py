@@ -145,6 +145,7 @@ def test_shape_mismatch_is_named(folders):
         evaluate_folders(folders / "pred", folders / "gt", folders / "dataset.json", num_processes=1)
 
 
+@pytest.mark.slow  # a CLI subprocess whose evaluation spawns its own worker pool
 def test_evaluate_cli(folders):
     command = [sys.executable, "-m", "meddinov3_nnunet.cli", "evaluate", "--pred", str(folders / "pred"), "--gt",
                str(folders / "gt"), "--dataset-json", str(folders / "dataset.json"), "--nsd-tolerance", "2"]

@@ -151,6 +151,7 @@ def test_2d_label_maps_are_evaluated(tmp_path):
     assert summary["per_class"]["label_1"]["dsc"]["mean"] == pytest.approx(0.8)
 
 
+@pytest.mark.slow  # a CLI subprocess whose evaluation spawns its own worker pool
 def test_cli_exit_code_and_message_for_a_truncated_file(folders):
     truncate(folders / "gt" / "b.nii.gz")
     result = subprocess.run([sys.executable, "-m", "meddinov3_nnunet.cli", "evaluate", "--pred",

@@ -117,6 +117,7 @@ def test_rotated_prediction_grid_is_named(tmp_path):
         evaluate_folders(tmp_path / "pred", tmp_path / "gt", num_processes=1)
 
 
+@pytest.mark.slow  # a CLI subprocess whose evaluation spawns its own worker pool
 def test_cli_writes_reports_to_out_and_leaves_predictions_alone(tmp_path):
     for folder, shift in (("gt", 0), ("pred", 2)):
         write(tmp_path / folder / "case_b.nii.gz", cube(shift, axis=2), spacing=(1.0, 1.0, 1.0))

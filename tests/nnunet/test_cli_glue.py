@@ -86,6 +86,7 @@ def test_doctor_prints_the_trainer_folder():
     assert result.stdout.strip() == meddinov3_nnunet.ext_trainer_dir()
 
 
+@pytest.mark.slow  # the whole demo pipeline: nnU-Net planning, training, prediction
 def test_demo_runs_the_pipeline_on_synthetic_data(tmp_path):
     result = subprocess.run([sys.executable, "-m", "meddinov3_nnunet.cli", "demo", "--workdir", str(tmp_path),
                              "--cases", "8", "--test-cases", "2", "--epochs", "2", "--iterations", "6"],

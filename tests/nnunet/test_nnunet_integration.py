@@ -13,6 +13,8 @@ from nnunet_workspace import Workspace, hippocampus_subset, parse_train_losses
 CONFIG = "2d_meddinov3"
 SMOKE = "MedDINOv3Trainer_smoke"
 
+pytestmark = pytest.mark.slow  # one nnU-Net training shared by every test here, more trainings in some
+
 
 @pytest.fixture(scope="module")
 def trained(shared_dir, tmp_path_factory):

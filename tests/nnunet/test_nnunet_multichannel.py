@@ -2,12 +2,14 @@
 import json
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
 from nnunet_workspace import Workspace, link_cases
 
 
+@pytest.mark.slow  # an nnU-Net planning, training and prediction
 def test_two_channel_dataset_trains_and_predicts(shared_dir, tmp_path):
     source = shared_dir / "datasets" / "brats2015_examples"
     workspace = Workspace(tmp_path)

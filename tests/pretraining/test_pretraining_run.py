@@ -57,6 +57,7 @@ def states(checkpoint_path):
     return checkpoint["student"], checkpoint["teacher"], checkpoint
 
 
+@pytest.mark.slow  # a pretraining run
 def test_stop_and_resume_reproduce_the_weights_of_an_uninterrupted_run(straight_run, manifest, tmp_path):
     straight_dir, summary = straight_run
     assert summary["status"] == "completed" and summary["step"] == 6
@@ -76,6 +77,7 @@ def test_stop_and_resume_reproduce_the_weights_of_an_uninterrupted_run(straight_
     assert steps == list(range(6))
 
 
+@pytest.mark.slow  # a pretraining run
 def test_a_run_logs_every_loss_schedules_and_speed_and_plots_them(straight_run):
     output, summary = straight_run
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
@@ -103,6 +105,7 @@ def test_the_momentum_and_lr_schedules_follow_dinov3s_warmup_cosine():
     assert schedules_at(optim, 0)["momentum"] == pytest.approx(0.99)
 
 
+@pytest.mark.slow  # a pretraining run
 def test_resuming_with_another_config_or_nothing_to_resume_is_refused(straight_run, manifest, tmp_path):
     output, _ = straight_run
     with pytest.raises(ResumeError, match=r"(?s)config differs.*optim\.lr\.peak: 0\.0005 -> 0\.001"):
@@ -134,6 +137,7 @@ def test_init_with_another_architecture_fails_before_any_work(manifest, tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # a pretraining run
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(manifest, tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
     real = objective_module.koleo_loss
@@ -154,6 +158,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(
     assert code == 3 and "non-finite loss at step 3" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a pretraining run
 def test_stage2_continues_from_a_run_with_a_frozen_gram_teacher_at_twice_the_resolution(straight_run, manifest, tmp_path):
     stage1, _ = straight_run
     checkpoint = stage1 / "checkpoint.pth"
@@ -178,6 +183,7 @@ def test_stage2_continues_from_a_run_with_a_frozen_gram_teacher_at_twice_the_res
                        device="cpu").check()
 
 
+@pytest.mark.slow  # a pretraining run
 def test_export_gives_the_fine_tuning_network_exactly_the_pretrained_teacher(straight_run, tmp_path, monkeypatch):
     output, _ = straight_run
     written = export_run(output, tmp_path)
@@ -206,6 +212,7 @@ def test_export_gives_the_fine_tuning_network_exactly_the_pretrained_teacher(str
         assert torch.equal(value, backbone[key]), key
 
 
+@pytest.mark.slow  # a pretraining run
 def test_init_from_a_teacher_layout_file_restores_backbone_and_heads(straight_run, tmp_path):
     output, _ = straight_run
     written = export_run(output, tmp_path)
@@ -222,6 +229,7 @@ def test_init_from_a_teacher_layout_file_restores_backbone_and_heads(straight_ru
         initialise_branch(build_branch(tiny_config("dino.head_prototypes=32")), point, with_heads=True)
 
 
+@pytest.mark.slow  # a pretraining run
 def test_cli_pretrain_then_export(ct_folder, tmp_path, capsys):
     overrides = sum([["--set", o] for o in TINY_TEST_OVERRIDES + ["optim.iterations=2"]], [])
     out = tmp_path / "run"
