@@ -1,20 +1,29 @@
 """nnU-Net trainer classes of meddinov3-nnunet (installed as `meddinov3_nnunet.trainers`).
 
-nnU-Net finds them through `nnUNet_extTrainer` pointing at `meddinov3_nnunet.ext_trainer_dir()`.
+nnU-Net finds them through `nnUNet_extTrainer` pointing at `meddinov3_nnunet.ext_trainer_dir()`, whose module
+star-imports this package. `TRAINER_NAMES` (also `__all__`) is derived, not kept by hand: every `nnUNetTrainer`
+subclass defined in a module of this package, except bases for variants (names ending in ``Base``). A new trainer
+is therefore a class in any module here.
 """
-from .base import MedDINOv3Trainer
-from .budget import nnUNetTrainer_budget
-from .variants import (DINOv3Trainer, MedDINOv3Trainer_5epochs, MedDINOv3Trainer_L, MedDINOv3Trainer_S,
-                       MedDINOv3Trainer_S_scratch, MedDINOv3Trainer_S_singlescale_scratch, MedDINOv3Trainer_scratch,
-                       MedDINOv3Trainer_singlescale, MedDINOv3Trainer_smoke, MedDINOv3Trainer_tiny,
-                       MedDINOv3Trainer_tiny_scratch, dinov3_base_primus_multiscale_Trainer,
-                       meddinov3_base_primus_multiscale_Trainer)
+import importlib
+import inspect
+import pkgutil
 
-TRAINER_NAMES = [
-    "MedDINOv3Trainer", "MedDINOv3Trainer_S", "MedDINOv3Trainer_L", "MedDINOv3Trainer_singlescale",
-    "MedDINOv3Trainer_scratch", "MedDINOv3Trainer_S_scratch", "MedDINOv3Trainer_S_singlescale_scratch",
-    "MedDINOv3Trainer_tiny", "MedDINOv3Trainer_tiny_scratch", "DINOv3Trainer", "MedDINOv3Trainer_5epochs",
-    "MedDINOv3Trainer_smoke",
-    "meddinov3_base_primus_multiscale_Trainer", "dinov3_base_primus_multiscale_Trainer", "nnUNetTrainer_budget",
-]
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+def _trainer_classes() -> dict[str, type]:
+    found = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda item: item.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for name, value in vars(module).items():
+            if (inspect.isclass(value) and issubclass(value, nnUNetTrainer) and value.__module__ == module.__name__
+                    and not name.endswith("Base")):
+                found[name] = value
+    return found
+
+
+_TRAINERS = _trainer_classes()
+globals().update(_TRAINERS)
+TRAINER_NAMES = list(_TRAINERS)
 __all__ = TRAINER_NAMES
