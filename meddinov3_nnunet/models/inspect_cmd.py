@@ -1,4 +1,8 @@
-"""`meddinov3-nnunet inspect-checkpoint PATH`: what a weights file is, without building anything big."""
+"""`meddinov3-nnunet inspect-checkpoint PATH`: what a weights file is, without building anything big.
+
+It runs the strict check of training (`checkpoints.check_checkpoint`: size, missing / unexpected / wrongly shaped
+keys, non-finite values) against the file's own architecture, or against ``--preset``; a failure exits 2 with the
+list of keys."""
 from __future__ import annotations
 
 import argparse
@@ -7,12 +11,26 @@ import argparse
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="encoder checkpoint (.pth) in any supported layout")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--preset", help="check against this encoder size (vit_tiny16, vit_s16, vit_b16, vit_l16) "
+                                         "instead of the file's own")
+    parser.add_argument("--num-heads", type=int, help="attention heads, for a file without RoPE periods whose size "
+                                                      "is no preset")
 
 
 def run(args: argparse.Namespace) -> int:
-    from .checkpoints import read_checkpoint
+    from .checkpoints import check_checkpoint, read_checkpoint
+    from .presets import SIZES
 
-    ckpt = read_checkpoint(args.path)
+    ckpt = read_checkpoint(args.path, num_heads=args.num_heads)
+    target = None
+    if args.preset:
+        if args.preset not in SIZES:
+            from ..errors import InputError
+
+            raise InputError(f"--preset {args.preset!r}: choose one of {', '.join(SIZES)}")
+        dim, depth, heads = SIZES[args.preset]
+        target = ckpt.arch.replace(embed_dim=dim, depth=depth, num_heads=heads)
+    check_checkpoint(ckpt, target)
     info = {
         "path": ckpt.path,
         "format": ckpt.format,

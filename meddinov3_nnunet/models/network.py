@@ -73,8 +73,23 @@ class MedDINOv3Net(nn.Module):
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
             return self._forward(x).float()
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def check_input(self, x: torch.Tensor) -> None:
+        """Clear `ValueError`s for inputs the network cannot take: rank, empty batch, channels, image size."""
+        channels = self.channel_adapter.in_channels
+        if x.ndim != 4:
+            hint = {3: "an unbatched image: add the batch axis (x[None])",
+                    5: "a 3D batch (B, C, D, H, W): this network is 2D; feed slices or use a 3D trainer"}
+            raise ValueError(f"expected an image batch of shape (B, {channels}, H, W), got shape {tuple(x.shape)}"
+                             + (f" ({hint[x.ndim]})" if x.ndim in hint else ""))
+        if x.shape[0] == 0:
+            raise ValueError(f"empty batch: input of shape {tuple(x.shape)} has batch size 0")
+        if x.shape[1] != channels:
+            raise ValueError(f"network was built for {channels} input channel(s), got {x.shape[1]} "
+                             f"(input shape {tuple(x.shape)})")
         check_image_size(x.shape[-2], x.shape[-1], self.encoder.patch_size)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
         features = self.encoder.get_intermediate_layers(self.channel_adapter(x), n=self.tap_blocks,
                                                         reshape=True, norm=True)
         return self.decoder(torch.cat(features, dim=1))

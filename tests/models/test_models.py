@@ -67,17 +67,17 @@ def test_trained_mask_token_is_kept(parity_dir):
 
 def test_heads_override(parity_dir):
     # with the wrong head count the RoPE periods no longer fit: a clear error, not silent garbage
-    with pytest.raises(CheckpointError, match="RoPE periods"):
+    with pytest.raises(ValueError, match="RoPE periods"):
         read_checkpoint_arch_override(parity_dir / "official_dinov3_layout.pth", num_heads=6)
     assert load_encoder(parity_dir / "official_dinov3_layout.pth", num_heads=3).arch.num_heads == 3
 
 
 def read_checkpoint_arch_override(path, **overrides):
-    from meddinov3_nnunet.models.checkpoints import _check_rope_periods
+    from meddinov3_nnunet.models.key_layouts import check_rope_periods
 
     ckpt = read_checkpoint(path)
     periods = torch.load(path, weights_only=True)["rope_embed.periods"]
-    _check_rope_periods(periods, ckpt.arch.replace(**overrides), str(path))
+    check_rope_periods(periods, ckpt.arch.replace(**overrides))
 
 
 def test_timm_layout_loads_and_matches(parity_dir, tmp_path):
@@ -132,14 +132,26 @@ def test_nonzero_qkv_bias_into_bias_free_encoder_is_refused(parity_dir):
         load_into(encoder, read_checkpoint(parity_dir / "official_dinov3_layout.pth"))
 
 
-def test_wrong_architecture_error_lists_keys_and_format(parity_dir):
+def test_wrong_size_error_names_both_sizes_not_keys(parity_dir):
     encoder = build_encoder(preset("vit_s16"))
     with pytest.raises(CheckpointError) as info:
         load_into(encoder, read_checkpoint(parity_dir / "meddinov3_teacher_layout.pth"))
     message = str(info.value)
+    assert "meddinov3_teacher_layout.pth holds another encoder size (vit_tiny16: dim 96, depth 4" in message
+    assert "than the model (vit_s16: dim 384, depth 12" in message and "a trainer/preset of size vit_tiny16" in message
+    assert info.value.checkpoint_preset == "vit_tiny16" and "blocks." not in message
+
+
+def test_one_wrong_key_error_lists_keys_and_format(parity_dir):
+    checkpoint = read_checkpoint(parity_dir / "meddinov3_teacher_layout.pth")
+    checkpoint.state_dict["blocks.0.attn.proj.bias"] = torch.zeros(95)
+    del checkpoint.state_dict["blocks.1.mlp.fc2.weight"]
+    with pytest.raises(CheckpointError) as info:
+        load_into(build_encoder(checkpoint.arch), checkpoint)
+    message = str(info.value)
     assert "meddinov3_teacher_layout.pth" in message and "detected format: meddinov3_teacher" in message
-    assert "missing keys: blocks.10." in message or "missing keys: blocks.4" in message
-    assert "wrongly shaped keys: blocks.0.attn.proj.bias: checkpoint (96,) vs model (384,)" in message
+    assert "missing keys: blocks.1.mlp.fc2.weight" in message
+    assert "wrongly shaped keys: blocks.0.attn.proj.bias: checkpoint (95,) vs model (96,)" in message
 
 
 def test_damaged_and_foreign_files_give_one_clear_error(parity_dir, tmp_path):
@@ -159,7 +171,7 @@ def test_damaged_and_foreign_files_give_one_clear_error(parity_dir, tmp_path):
 
 def test_checkpoint_with_python_objects_is_refused(tmp_path):
     torch.save({"model": torch.zeros(1), "callback": print}, tmp_path / "unsafe.pth")
-    with pytest.raises(CheckpointError, match="could run code"):
+    with pytest.raises(CheckpointError, match=r"refused: the file contains code \(pickle global print\)"):
         read_checkpoint(tmp_path / "unsafe.pth")
 
 
