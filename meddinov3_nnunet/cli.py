@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("meddinov3_nnunet.pretraining.pretrain_cmd", "pretrain a DINOv3 encoder on CT/MRI slices (MedDINOv3 stages 1-3)"),
     "export": ("meddinov3_nnunet.pretraining.export_cmd", "export a pretraining run's encoder for the trainers and in MedDINOv3's layout"),
     "features": ("meddinov3_nnunet.probing.features_cmd", "picture of a slice and the PCA of its patch tokens (see an encoder)"),
+    "probe": ("meddinov3_nnunet.probing.probe_cmd", "frozen-encoder linear probe Dice of checkpoints on an nnU-Net raw dataset"),
 }
 
 
