@@ -10,9 +10,15 @@ resampling: stock nnU-Net names only) and changes four things:
 * a ``meddinov3`` entry recording how it was made and, optionally, the encoder weights to fine-tune from.
 
 Then nnU-Net's own preprocessing runs for that configuration.
+
+When the plans also have ``3d_fullres``, a 3D counterpart (``3d_meddinov3``, for the 3D trainers) is derived from it
+with the same in-plane ``scale``: axis 0 (the axis nnU-Net's ``2d`` slices) keeps its spacing and patch length,
+the in-plane patch is scaled and rounded up to multiples of 16, the batch size follows the same token budget
+(tokens of all slices of a patch) clipped to ``[min_batch_size, batch size of 3d_fullres]``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -45,6 +51,7 @@ class VitPlan:
     median_image_size_in_voxels: list[float]
     batch_size: int
     scale: float
+    volumetric: "VitPlan | None" = None  # the 3D counterpart, when the plans have 3d_fullres
 
     @property
     def tokens_per_patch(self) -> int:
@@ -76,11 +83,29 @@ def derive_vit_plan(source: dict, target_size: int, max_scale: float, tokens_per
                    batch_size=int(batch_size), scale=round(scale, 6))
 
 
+def derive_volumetric_plan(source: dict, scale: float, tokens_per_batch: int, min_batch_size: int = 2,
+                           batch_size: int | None = None, configuration_name: str = "3d_meddinov3") -> VitPlan:
+    """The 3D configuration from a resolved 3D source dict (``3d_fullres``) and the 2D plan's in-plane scale."""
+    if len(source["patch_size"]) != 3:
+        raise PlanningError(f"the 3D source configuration has a {len(source['patch_size'])}D patch size "
+                            f"{source['patch_size']}; derive from 3d_fullres")
+    patch = [int(source["patch_size"][0])] + round_up_to_patch([p * scale for p in source["patch_size"][1:]])
+    tokens = math.prod(patch) // 256
+    if batch_size is None:
+        batch_size = min(max(tokens_per_batch // tokens, min_batch_size), int(source["batch_size"]))
+    spacing = [float(source["spacing"][0])] + [round(s / scale, 6) for s in source["spacing"][1:]]
+    median = [float(m) for m in source["median_image_size_in_voxels"]]
+    return VitPlan(configuration_name=configuration_name, spacing=spacing, patch_size=patch,
+                   median_image_size_in_voxels=[median[0]] + [round(m * scale, 2) for m in median[1:]],
+                   batch_size=int(batch_size), scale=round(scale, 6))
+
+
 def plan(dataset: str | int, preset: str = "default", plans_name: str = "nnUNetPlans",
          target_size: int | None = None, max_scale: float | None = None, batch_size: int | None = None,
          configuration_name: str | None = None, weights: str | None = None, preprocess: bool = True,
-         num_processes: int = 2) -> tuple[str, VitPlan]:
-    """Adds the ViT configuration to ``nnUNet_preprocessed/<dataset>/<plans_name>.json`` and preprocesses it.
+         num_processes: int = 2, volumetric: bool = True) -> tuple[str, VitPlan]:
+    """Adds the ViT configuration to ``nnUNet_preprocessed/<dataset>/<plans_name>.json`` and preprocesses it;
+    with ``volumetric`` and a ``3d_fullres`` in the plans also ``3d_meddinov3`` (in ``plan.volumetric``).
     Returns (dataset name, plan)."""
     settings = load_preset(preset)
     dataset_name = find_dataset_name(dataset)
@@ -117,10 +142,26 @@ def plan(dataset: str | int, preset: str = "default", plans_name: str = "nnUNetP
         "batch_size": vit.batch_size,
         PLANS_KEY: entry,
     }
+    names = [vit.configuration_name]
+    if volumetric and "3d_fullres" in plans["configurations"]:
+        source_3d = PlansManager(plans).get_configuration("3d_fullres").configuration
+        vit3d = derive_volumetric_plan(source_3d, vit.scale, settings["tokens_per_batch"], settings["min_batch_size"],
+                                       batch_size, "3d_" + vit.configuration_name.removeprefix("2d_"))
+        plans["configurations"][vit3d.configuration_name] = {
+            "inherits_from": "3d_fullres",
+            "data_identifier": f"{plans_name}_{vit3d.configuration_name}",
+            "spacing": vit3d.spacing,
+            "patch_size": vit3d.patch_size,
+            "median_image_size_in_voxels": vit3d.median_image_size_in_voxels,
+            "batch_size": vit3d.batch_size,
+            PLANS_KEY: {**entry, "source_configuration": "3d_fullres"},
+        }
+        vit = dataclasses.replace(vit, volumetric=vit3d)
+        names.append(vit3d.configuration_name)
     write_text_atomic(plans_file, json.dumps(plans, indent=4))
     if preprocess:
         from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess as nnunet_preprocess
 
-        nnunet_preprocess([dataset_id(dataset_name)], plans_name, configurations=[vit.configuration_name],
-                          num_processes=[num_processes])
+        nnunet_preprocess([dataset_id(dataset_name)], plans_name, configurations=names,
+                          num_processes=[num_processes] * len(names))
     return dataset_name, vit
