@@ -146,6 +146,18 @@ class TrainConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Linear probe of the EMA teacher's backbone during the run (`meddinov3-nnunet probe`'s protocol, as DINOv3
+    evaluates its teacher), logged to ``probe.jsonl`` and drawn beside the losses. Off while probe_every is 0."""
+
+    probe_every: int = 0  # steps between probes (0: off)
+    probe_data: typing.Optional[str] = None  # nnU-Net raw dataset (dataset.json, imagesTr, labelsTr)
+    probe_size: int = 112  # encoder input size, px
+    probe_train_pixels: int = 20000
+    probe_max_cases: typing.Optional[int] = 20  # the first N cases (null: all); every 5th is a test case
+
+
+@dataclass
 class PretrainConfig:
     name: str = "custom"
     stage: int = 1
@@ -158,6 +170,7 @@ class PretrainConfig:
     gram: GramConfig = field(default_factory=GramConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -174,7 +187,8 @@ _PAIRS = {
     "optim.adamw_betas": 2,
 }
 # Keys that describe where a run writes or how fast it goes, not what it learns: a resume may change them.
-RUNTIME_KEYS = {"train.checkpoint_every", "train.keep_every"}
+RUNTIME_KEYS = {"train.checkpoint_every", "train.keep_every", "evaluation.probe_every", "evaluation.probe_data",
+                "evaluation.probe_size", "evaluation.probe_train_pixels", "evaluation.probe_max_cases"}
 
 
 def encoder_arch(config: "PretrainConfig"):
@@ -366,6 +380,13 @@ def _validate(config: PretrainConfig) -> None:
             fail(key, f"must be at least 1, got {flat[key]}")
     if config.data.num_workers < 0:
         fail("data.num_workers", "must be 0 or more")
+    if config.evaluation.probe_every < 0:
+        fail("evaluation.probe_every", "must be 0 (off) or a number of steps")
+    if config.evaluation.probe_every and not config.evaluation.probe_data:
+        fail("evaluation.probe_data", "evaluation.probe_every needs an nnU-Net raw dataset to probe on, e.g. "
+                                      "--set evaluation.probe_data=nnUNet_raw/Dataset004_Hippocampus")
+    if config.evaluation.probe_size <= 0 or config.evaluation.probe_size % 16:
+        fail("evaluation.probe_size", f"{config.evaluation.probe_size} must be a positive multiple of the patch size 16")
     if config.train.precision not in ("bf16", "fp32"):
         fail("train.precision", "choose 'bf16' or 'fp32'")
     if config.dino.head_layers < 1 or config.ibot.head_layers < 1:

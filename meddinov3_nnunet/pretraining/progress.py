@@ -57,8 +57,22 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def _plot_probes(ax, probes: list[dict]) -> None:
+    """Linear-probe Dice of the teacher (``probe.jsonl``) over the steps: mean and per label."""
+    steps = [r["step"] for r in probes]
+    ax.plot(steps, [r["probe_dice_mean"] for r in probes], marker="o", color="black", label="mean")
+    for label in probes[-1].get("probe_dice", {}):
+        ax.plot(steps, [r.get("probe_dice", {}).get(label) for r in probes], marker=".", alpha=0.7, label=label)
+    ax.set_title("linear probe Dice (teacher)")
+    ax.set_xlabel("step")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+
 def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike, title: str = "") -> None:
-    """Loss curves (raw and smoothed), schedules and throughput in one PNG, written atomically."""
+    """Loss curves (raw and smoothed), schedules, throughput and, when the run probes (``probe.jsonl``), the
+    linear-probe Dice in one PNG, written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,7 +83,12 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike, t
         return
     steps = [r["step"] for r in records]
     window = max(1, len(records) // 50)
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    probe_path = Path(metrics_path).with_name("probe.jsonl")
+    probes = read_metrics(probe_path) if probe_path.exists() else []
+    fig, axes = plt.subplots(2, 3 if probes else 2, figsize=(16 if probes else 11, 7.5), squeeze=False)
+    if probes:
+        _plot_probes(axes[0, 2], probes)
+        axes[1, 2].axis("off")
     panels = [(axes[0, 0], ("total",), "total loss"), (axes[0, 1], ("dino", "ibot"), "DINO and iBOT"),
               (axes[1, 0], ("koleo", "gram"), "KoLeo and Gram")]
     for ax, keys, name in panels:

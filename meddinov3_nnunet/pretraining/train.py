@@ -218,6 +218,28 @@ class PretrainingRun:
         return to_student_grid(features, student_size // self.arch.patch_size, self.config.gram)
 
     # -- checkpoints ------------------------------------------------------------------------------
+    def probe_teacher(self, step: int, probes: MetricsLog | None) -> None:
+        """`meddinov3-nnunet probe` on the EMA teacher's backbone after ``step`` steps (main rank; the others
+        wait): one line in probe.jsonl, and the loss plot redrawn with it. Uses no global RNG, so a resumed run
+        stays exact."""
+        if self.ctx.is_main:
+            from meddinov3_nnunet.probing.linear_probe import encoder_featuriser, load_dataset, run_probe, split_cases
+
+            evaluation = self.config.evaluation
+            if getattr(self, "_probe_data", None) is None:
+                data = load_dataset(evaluation.probe_data, evaluation.probe_max_cases)
+                self._probe_data = (data, *split_cases(list(data.cases)))
+            data, train_cases, test_cases = self._probe_data
+            row = run_probe(f"teacher, step {step}", encoder_featuriser(self.teacher.backbone, evaluation.probe_size),
+                            data, train_cases, test_cases, evaluation.probe_train_pixels)
+            probes.write({"step": step - 1, "probe_dice_mean": row["dice_mean"], "probe_dice": row["dice"],
+                          "probe_pixel_accuracy": row["pixel_accuracy"], "probe_seconds": row["seconds"]})
+            log.info("probe after step %d: mean Dice %.3f (%s)", step, row["dice_mean"],
+                     ", ".join(f"{k} {v:.3f}" for k, v in row["dice"].items()))
+            plot_metrics(self.output_dir / "metrics.jsonl", self.output_dir / "loss_curves.png",
+                         title=f"{self.config.name}: {self.output_dir.name}")
+        self.ctx.barrier()
+
     def save_checkpoint(self, step: int) -> Path | None:
         """Atomic ``checkpoint.pth`` after ``step`` completed steps (+ a kept copy every ``keep_every``)."""
         ctx = self.ctx
@@ -257,6 +279,8 @@ class PretrainingRun:
             (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
         ctx.barrier()
         metrics = MetricsLog(self.output_dir / "metrics.jsonl", self.start_step) if ctx.is_main else None
+        probes = (MetricsLog(self.output_dir / "probe.jsonl", self.start_step)
+                  if ctx.is_main and cfg.evaluation.probe_every else None)
         bar = None
         if ctx.is_main and self.progress:
             from tqdm import tqdm
@@ -308,6 +332,8 @@ class PretrainingRun:
                     if ctx.is_main:
                         plot_metrics(self.output_dir / "metrics.jsonl", self.output_dir / "loss_curves.png",
                                      title=f"{cfg.name}: {self.output_dir.name}")
+                if cfg.evaluation.probe_every and step % cfg.evaluation.probe_every == 0:
+                    self.probe_teacher(step, probes)
                 if timed_out:
                     status = "time_limit"
                     break
@@ -320,6 +346,8 @@ class PretrainingRun:
                 bar.close()
             if metrics is not None:
                 metrics.close()
+            if probes is not None:
+                probes.close()
             del iterator
         elapsed = time.time() - started
         done = step - self.start_step

@@ -74,9 +74,11 @@ def token_maps(encoder: DINOv3Encoder, slices: np.ndarray, size: tuple[int, int]
                batch: int = 32) -> torch.Tensor:
     """Normed patch tokens (N, D * len(blocks), h, w) of slices (N, H, W) resized (bilinear) to ``size``,
     grey copied to the three input channels as the trainers do."""
+    device = next(encoder.parameters()).device
     out = []
     for start in range(0, len(slices), batch):
         x = torch.from_numpy(np.ascontiguousarray(slices[start:start + batch], dtype=np.float32))[:, None]
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
-        out.append(torch.cat(encoder.get_intermediate_layers(x, n=list(blocks), reshape=True, norm=True), dim=1))
+        x = F.interpolate(x.to(device), size=size, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+        layers = encoder.get_intermediate_layers(x, n=list(blocks), reshape=True, norm=True)
+        out.append(torch.cat(layers, dim=1).float().cpu())
     return torch.cat(out)
