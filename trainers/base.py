@@ -26,8 +26,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from meddinov3_nnunet.nnunet.finetune import FinetuneRecipe, WarmupLinearDecay, build_optimizer
 from meddinov3_nnunet.models.checkpoints import CheckpointError, load_into, read_checkpoint
+from meddinov3_nnunet.models.encoder import build_encoder
 from meddinov3_nnunet.models.network import MedDINOv3Net, build_network
+from meddinov3_nnunet.models.patch_size import with_patch_size
 from meddinov3_nnunet.models.presets import preset
+from meddinov3_nnunet.models.volumetric import ProjectedMedDINOv3Net
 from meddinov3_nnunet.nnunet.planning import PLANS_KEY, round_up_to_patch
 
 from .budget import EnvironmentBudget
@@ -42,6 +45,8 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
     multiscale = True
     tap_blocks = None  # None: last block of each quarter (2, 5, 8, 11 for ViT-B)
     drop_path_rate = 0.2
+    encoder_patch_size = 16  # 8: finer tokens, patch embedding resampled from the patch-16 weights at load
+    decoder = "aggregation"  # or "projected" (1x1 projection of the taps to the embedding width, FlexiCT)
 
     # encoder initialisation: "required" (error without weights), "optional" (random if none), "none"
     encoder_weights = "required"
@@ -81,13 +86,16 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
         if len(manager.patch_size) != 2:
             raise ValueError(f"{cls.__name__} is a 2D method but configuration {configuration!r} has a "
                              f"{len(manager.patch_size)}D patch size {manager.patch_size}; use the 2d "
-                             f"configuration or one made by `meddinov3-nnunet plan`")
+                             f"configuration or one made by `meddinov3-nnunet plan`, or a 3D trainer "
+                             f"(MedDINOv3Trainer_3d, MedDINOv3Trainer_25d) for {configuration!r}")
         notes = []
         entry = plans["configurations"][configuration]
-        rounded = round_up_to_patch(manager.patch_size)
+        patch = cls.encoder_patch_size
+        rounded = round_up_to_patch(manager.patch_size, patch)
         if rounded != list(manager.patch_size):
             entry["patch_size"] = rounded
-            notes.append(f"patch size {list(manager.patch_size)} rounded up to {rounded} (multiples of 16 for ViT/16)")
+            notes.append(f"patch size {list(manager.patch_size)} rounded up to {rounded} "
+                         f"(multiples of {patch} for ViT/{patch})")
         return notes + cls.budget_plans(plans, configuration)
 
     # -- network ----------------------------------------------------------------------------------
@@ -95,9 +103,17 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> MedDINOv3Net:
-        return build_network(preset(cls.encoder_preset, cls.encoder_flavour), in_channels=num_input_channels,
-                             num_classes=num_output_channels, multiscale=cls.multiscale, tap_blocks=cls.tap_blocks,
-                             drop_path_rate=cls.drop_path_rate)
+        return cls.build_plain_network(num_input_channels, num_output_channels)
+
+    @classmethod
+    def build_plain_network(cls, num_input_channels: int, num_output_channels: int) -> MedDINOv3Net:
+        """The network the class attributes describe (the 3D trainers override this)."""
+        arch = preset(cls.encoder_preset, cls.encoder_flavour, patch_size=cls.encoder_patch_size)
+        if cls.decoder == "projected":
+            return ProjectedMedDINOv3Net(build_encoder(arch, drop_path_rate=cls.drop_path_rate), num_input_channels,
+                                         num_output_channels, tap_blocks=cls.tap_blocks)
+        return build_network(arch, in_channels=num_input_channels, num_classes=num_output_channels,
+                             multiscale=cls.multiscale, tap_blocks=cls.tap_blocks, drop_path_rate=cls.drop_path_rate)
 
     def _plain_network(self) -> MedDINOv3Net:
         network = self.network.module if isinstance(self.network, DistributedDataParallel) else self.network
@@ -144,13 +160,16 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
             self.print_to_log_file("encoder: random initialisation (no weights configured)")
             return
         try:
-            checkpoint = read_checkpoint(path)
+            checkpoint = with_patch_size(read_checkpoint(path), encoder.patch_size)
             load_into(encoder, checkpoint)
         except CheckpointError as err:
             raise CheckpointError(f"{type(self).__name__} (encoder {self.encoder_preset}, weights from {source}): "
                                   f"{err}") from None
         self.print_to_log_file(f"encoder: loaded {path} (format {checkpoint.format}, from {source}; "
-                               f"{len(checkpoint.state_dict)} tensors, {checkpoint.num_parameters:,} parameters)")
+                               f"{len(checkpoint.state_dict)} tensors, {checkpoint.num_parameters:,} parameters)"
+                               + ("; patch embedding resampled from patch %d to %d (FlexiViT pseudo-inverse)"
+                                  % tuple(checkpoint.meta["resampled_patch_size"])
+                                  if "resampled_patch_size" in checkpoint.meta else ""))
 
     def on_train_start(self):
         if not self.was_initialized:

@@ -137,7 +137,11 @@ class SliceMixer(nn.Module):
 
 
 class VolumetricMedDINOv3Net(nn.Module):
-    """Logits (B, K, D, H, W) for patches (B, C, D, H, W); H and W multiples of the encoder's patch size."""
+    """Logits (B, K, D, H, W) for patches (B, C, D, H, W); H and W multiples of the encoder's patch size.
+
+    ``autocast_dtypes``: as `MedDINOv3Net` (device type -> autocast dtype of each forward, None: fp32)."""
+
+    autocast_dtypes: dict[str, torch.dtype | None] | None = None
 
     def __init__(self, encoder: DINOv3Encoder, in_channels: int, num_classes: int, context: int = 1,
                  mix_slices: bool = False, tap_blocks: Sequence[int] | None = None, decoder: str = "aggregation"):
@@ -154,6 +158,14 @@ class VolumetricMedDINOv3Net(nn.Module):
                                      encoder.arch.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtypes = self.autocast_dtypes or {}
+        if x.device.type not in dtypes:
+            return self._forward(x)
+        dtype = dtypes[x.device.type]
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            return self._forward(x).float()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_size(x.shape[-2], x.shape[-1], self.encoder.patch_size)
         b, d, (h, w) = x.shape[0], x.shape[2], x.shape[-2:]
         encoder = self.encoder
