@@ -56,7 +56,7 @@ def test_line_imports_nothing_heavy_and_costs_well_under_5_ms(tmp_path):
     result = subprocess.run([sys.executable, "-S", "-c", probe, str(pth)], capture_output=True, text=True, env=env,
                             check=True)
     milliseconds, modules = result.stdout.split(" ", 1)
-    assert float(milliseconds) < 2.0  # measured ~0.3 ms per start
+    assert float(milliseconds) < 5.0  # measured ~0.3 ms per start; importing torch would cost ~1000 ms
     assert "torch" not in modules.split() and "meddinov3_nnunet" not in modules.split()
 
 
