@@ -20,6 +20,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from lightly.models.utils import random_block_mask_image
 
+from .config import resolutions
+
 BICUBIC = TF.InterpolationMode.BICUBIC
 BLUR_KERNEL = 9  # DINOv3 data/transforms.py GaussianBlur(kernel_size=9)
 
@@ -48,10 +50,13 @@ def random_resized_crop_box(height: int, width: int, scale, rng: np.random.Gener
 
 class MultiCrop:
     """``__call__(slice (H, W) float32, rng)`` -> ``{'global': (2, 1, G, G), 'local': (L, 1, l, l),
-    'gram': (2, 1, Gg, Gg) or absent}`` float32 tensors."""
+    'gram': (2, 1, Gg, Gg) or absent}`` float32 tensors. ``sizes`` (global, local, Gram teacher) replaces the
+    config's single sizes (one entry of a mixed-resolution recipe)."""
 
-    def __init__(self, crops):
+    def __init__(self, crops, sizes: tuple[int, int, int | None] | None = None):
         self.cfg = crops
+        self.global_size, self.local_size, self.gram_size = sizes or (crops.global_size, crops.local_size,
+                                                                      crops.gram_teacher_size)
 
     def _flip(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         if rng.random() < self.cfg.horizontal_flip:
@@ -79,21 +84,40 @@ class MultiCrop:
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> dict:
         cfg = self.cfg
         tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]  # (1, H, W)
-        base_size = max(cfg.global_size, cfg.gram_teacher_size or 0)
+        base_size = max(self.global_size, self.gram_size or 0)
         globals_, grams = [], []
         for crop_index in range(2):
             base = self._crop(tensor, base_size, cfg.global_scale, rng)
-            student = base if base_size == cfg.global_size else TF.resize(base, [cfg.global_size] * 2, BICUBIC, antialias=True)
+            student = base if base_size == self.global_size else TF.resize(base, [self.global_size] * 2, BICUBIC,
+                                                                           antialias=True)
             globals_.append(self._distort(student, cfg.blur_probability[crop_index], rng))
-            if cfg.gram_teacher_size:
-                grams.append(base if base_size == cfg.gram_teacher_size else
-                             TF.resize(base, [cfg.gram_teacher_size] * 2, BICUBIC, antialias=True))
-        locals_ = [self._distort(self._crop(tensor, cfg.local_size, cfg.local_scale, rng), cfg.blur_probability[2], rng)
-                   for _ in range(cfg.local_number)]
+            if self.gram_size:
+                grams.append(base if base_size == self.gram_size else
+                             TF.resize(base, [self.gram_size] * 2, BICUBIC, antialias=True))
+        locals_ = [self._distort(self._crop(tensor, self.local_size, cfg.local_scale, rng), cfg.blur_probability[2],
+                                 rng) for _ in range(cfg.local_number)]
         out = {"global": torch.stack(globals_), "local": torch.stack(locals_)}
         if grams:
             out["gram"] = torch.stack(grams)
         return out
+
+
+class MixedResolutionCrops:
+    """DINOv3's multi-resolution loader (``CombinedDataLoader`` over one loader per size triple): each training
+    step takes one (global, local, Gram teacher) size triple, drawn with ``crops.mixed_ratios``. The draw is a
+    function of (seed, step) alone, so every rank uses the same sizes at a step and a resume repeats them."""
+
+    def __init__(self, crops, seed: int):
+        self.crops = [MultiCrop(crops, sizes) for sizes in resolutions(crops)]
+        ratios = np.asarray(crops.mixed_ratios or [1.0], dtype=np.float64)
+        self.probabilities = ratios / ratios.sum()
+        self.seed = seed
+
+    def for_step(self, step: int) -> MultiCrop:
+        if len(self.crops) == 1:
+            return self.crops[0]
+        index = np.random.default_rng([self.seed, step, 13]).choice(len(self.crops), p=self.probabilities)
+        return self.crops[int(index)]
 
 
 def block_masks(n_images: int, grid: tuple[int, int], probability: float, ratio_min_max, rng: np.random.Generator) -> torch.Tensor:

@@ -33,6 +33,7 @@ class ModelConfig:
     arch: str = "vit_b16"  # encoder preset (meddinov3_nnunet.models.presets)
     flavour: str = "meddinov3"  # 'meddinov3' (no qkv bias) or 'meta'
     drop_path_rate: float = 0.3
+    drop_path_mode: str = "batch_subset"  # DINOv3's (same rate in every block, a random batch subset) or 'timm'
     layerscale_init: typing.Optional[float] = None  # None: the preset's 1e-5; only matters without --init
     init: typing.Optional[str] = None  # encoder/teacher/run checkpoint to start from; None = random init
     init_heads: bool = True  # also take dino_head/ibot_head from --init when it carries them
@@ -66,6 +67,13 @@ class CropsConfig:
     local_size: int = 96
     local_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
     gram_teacher_size: typing.Optional[int] = None  # None: no Gram-teacher crops (stage 1)
+    # Mixed resolutions (DINOv3's high-res stage): each step draws one (global, local, Gram-teacher) size triple
+    # with these ratios. Empty: one resolution. When set, global_size / local_size / gram_teacher_size must
+    # equal the first entries (one truth in the YAML).
+    mixed_global_sizes: list[int] = field(default_factory=list)
+    mixed_local_sizes: list[int] = field(default_factory=list)
+    mixed_gram_teacher_sizes: list[int] = field(default_factory=list)
+    mixed_ratios: list[float] = field(default_factory=list)
     horizontal_flip: float = 0.5
     vertical_flip: float = 0.0
     intensity_probability: float = 0.8  # replaces DINOv3's colour jitter (p 0.8) for grey CT slices
@@ -109,17 +117,25 @@ class GramConfig:
     remove_negatives: str = "none"  # 'none' | 'both' | 'teacher' (DINOv3 remove_neg / remove_only_teacher_neg)
     resize_mode: str = "bicubic"  # Gram-teacher features -> student patch grid
     resize_antialias: bool = False
+    # Gram-teacher refresh (DINOv3 gram.rep_update): after step s with s >= refresh_first and
+    # s % refresh_every == 0 the Gram teacher becomes a copy of the EMA teacher's backbone, at most refresh_max
+    # times (null: no limit). refresh_every 0: the Gram teacher stays fixed.
+    refresh_every: int = 0
+    refresh_first: int = 0
+    refresh_max: typing.Optional[int] = None
 
 
 @dataclass
 class Schedule:
     """Linear warm-up from ``start`` to ``peak`` over ``warmup_iterations``, then a cosine from ``peak`` to
-    ``end`` over the remaining iterations (DINOv3's ``linear_warmup_cosine_decay``)."""
+    ``end`` over ``cosine_iterations`` (default: the remaining iterations), then ``end`` (DINOv3's
+    ``linear_warmup_cosine_decay``). ``peak`` 0 with ``end`` > 0 and no warm-up is DINOv3's half-cosine ramp."""
 
     start: float = 0.0
     peak: float = 0.0
     end: float = 0.0
     warmup_iterations: int = 0
+    cosine_iterations: typing.Optional[int] = None  # None: the cosine spans the rest; else constant ``end`` after it
 
 
 @dataclass
@@ -135,6 +151,9 @@ class OptimConfig:
     patch_embed_lr_mult: float = 0.2
     clip_grad: float = 3.0
     adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    # DINOv3's optim.scaling_rule: lr.peak and lr.end are multiplied by 4 * sqrt(batch_size / 1024)
+    # ('sqrt_wrt_1024') or batch_size / 256 ('linear_wrt_256'); 'none' uses them as given.
+    lr_scaling_rule: str = "none"
 
 
 @dataclass
@@ -391,6 +410,64 @@ def _validate(config: PretrainConfig) -> None:
         fail("train.precision", "choose 'bf16' or 'fp32'")
     if config.dino.head_layers < 1 or config.ibot.head_layers < 1:
         fail("dino.head_layers", "heads need at least one layer")
+    if config.model.drop_path_mode not in ("batch_subset", "timm"):
+        fail("model.drop_path_mode", "choose 'batch_subset' (DINOv3) or 'timm'")
+    if config.optim.lr_scaling_rule not in LR_SCALING_RULES:
+        fail("optim.lr_scaling_rule", f"choose one of {sorted(LR_SCALING_RULES)}")
+    for key in ("lr", "weight_decay", "momentum", "teacher_temp"):
+        schedule = getattr(config.optim, key)
+        used = schedule.warmup_iterations + (schedule.cosine_iterations or 0)
+        if schedule.cosine_iterations is not None and (schedule.cosine_iterations < 1 or used > config.optim.iterations):
+            fail(f"optim.{key}.cosine_iterations", f"must be at least 1 and, with the warm-up, at most "
+                                                   f"optim.iterations ({config.optim.iterations})")
+    gram = config.gram
+    if gram.refresh_every < 0 or gram.refresh_first < 0 or (gram.refresh_max is not None and gram.refresh_max < 0):
+        fail("gram.refresh_every", "refresh_every, refresh_first and refresh_max must not be negative")
+    _validate_mixed_crops(config.crops, config.gram.enabled, fail)
+
+
+LR_SCALING_RULES = {"none": None, "sqrt_wrt_1024": "4 * sqrt(B / 1024)", "linear_wrt_256": "B / 256"}
+
+
+def lr_scale(optim: "OptimConfig") -> float:
+    """The factor DINOv3's ``optim.scaling_rule`` applies to the lr schedule's peak and end at the global batch."""
+    if optim.lr_scaling_rule == "sqrt_wrt_1024":
+        return 4.0 * (optim.batch_size / 1024.0) ** 0.5
+    if optim.lr_scaling_rule == "linear_wrt_256":
+        return optim.batch_size / 256.0
+    return 1.0
+
+
+def resolutions(crops: "CropsConfig") -> list[tuple[int, int, int | None]]:
+    """The (global, local, Gram-teacher) crop sizes a run draws from; one entry without mixed resolutions."""
+    if not crops.mixed_global_sizes:
+        return [(crops.global_size, crops.local_size, crops.gram_teacher_size)]
+    grams = crops.mixed_gram_teacher_sizes or [None] * len(crops.mixed_global_sizes)
+    return list(zip(crops.mixed_global_sizes, crops.mixed_local_sizes, grams))
+
+
+def _validate_mixed_crops(crops: "CropsConfig", gram_enabled: bool, fail) -> None:
+    lists = {"crops.mixed_global_sizes": crops.mixed_global_sizes, "crops.mixed_local_sizes": crops.mixed_local_sizes,
+             "crops.mixed_ratios": crops.mixed_ratios}
+    if gram_enabled or crops.mixed_gram_teacher_sizes:
+        lists["crops.mixed_gram_teacher_sizes"] = crops.mixed_gram_teacher_sizes
+    if not any(lists.values()):
+        return
+    lengths = {len(v) for v in lists.values()}
+    if len(lengths) != 1:
+        fail("crops.mixed_global_sizes", f"{', '.join(lists)} need one entry per resolution each, got "
+                                         f"{', '.join(str(len(v)) for v in lists.values())} entries")
+    if any(r <= 0 for r in crops.mixed_ratios):
+        fail("crops.mixed_ratios", f"ratios must be positive, got {crops.mixed_ratios}")
+    for key in lists:
+        if key != "crops.mixed_ratios" and any(size <= 0 or size % 16 for size in lists[key]):
+            fail(key, f"{lists[key]}: every size must be a positive multiple of the patch size 16")
+    first = resolutions(crops)[0]
+    if (crops.global_size, crops.local_size, crops.gram_teacher_size) != first:
+        fail("crops.global_size", f"with mixed resolutions, global_size / local_size / gram_teacher_size must equal "
+                                  f"the first entries {first}, got {(crops.global_size, crops.local_size, crops.gram_teacher_size)}")
+    if any(g is not None and g < size for size, _, g in resolutions(crops)):
+        fail("crops.mixed_gram_teacher_sizes", "each Gram-teacher size must be at least its global size")
 
 
 def flatten(values: dict, prefix: str = "") -> dict:

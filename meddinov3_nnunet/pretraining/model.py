@@ -118,7 +118,8 @@ class Branch(nn.Module):
 
 def build_branch(config) -> Branch:
     arch = encoder_arch(config)
-    backbone = DINOv3Encoder(arch, drop_path_rate=config.model.drop_path_rate)
+    backbone = DINOv3Encoder(arch, drop_path_rate=config.model.drop_path_rate,
+                             drop_path_mode=config.model.drop_path_mode)
     if config.model.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
 

@@ -2,25 +2,34 @@
 optimiser's parameter groups."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from lightly.utils.scheduler import cosine_schedule
+
+from .config import lr_scale
 
 
 def schedule_value(schedule, step: int, total: int) -> float:
     """DINOv3's ``linear_warmup_cosine_decay`` at ``step``: linear from start to peak over the warm-up, then
-    lightly's `cosine_schedule` from peak to end over the remaining steps."""
+    lightly's `cosine_schedule` from peak to end over ``cosine_iterations`` (default: the remaining steps),
+    then constant at end."""
     warmup = min(schedule.warmup_iterations, total)
     if step < warmup:
         return schedule.start + (schedule.peak - schedule.start) * step / warmup
-    remaining = total - warmup
-    return cosine_schedule(min(step - warmup, max(remaining - 1, 0)), remaining, schedule.peak, schedule.end)
+    cosine = total - warmup if schedule.cosine_iterations is None else schedule.cosine_iterations
+    if step - warmup >= cosine:
+        return schedule.end
+    return cosine_schedule(min(step - warmup, max(cosine - 1, 0)), cosine, schedule.peak, schedule.end)
 
 
 def schedules_at(optim, step: int) -> dict:
-    """Every scheduled value at ``step``: lr (and the last layer's, 0 while frozen), weight decay, teacher
-    momentum and teacher temperature."""
+    """Every scheduled value at ``step``: lr (peak and end scaled by ``optim.lr_scaling_rule``; the last layer's
+    lr is 0 while frozen), weight decay, teacher momentum and teacher temperature."""
     total = optim.iterations
-    lr = schedule_value(optim.lr, step, total)
+    scale = lr_scale(optim)
+    lr = schedule_value(dataclasses.replace(optim.lr, peak=optim.lr.peak * scale, end=optim.lr.end * scale),
+                        step, total)
     return {
         "lr": lr,
         "last_layer_lr": 0.0 if step < optim.freeze_last_layer_iterations else lr,

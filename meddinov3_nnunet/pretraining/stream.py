@@ -64,13 +64,15 @@ class ShardPlan:
 
 class SliceStream(IterableDataset):
     """Endless batches for one rank. ``transform(slice, rng) -> crops`` and ``collate(list, rng) -> batch`` run
-    inside the loader workers."""
+    inside the loader workers; ``transform_for_step(step) -> transform``, when given, picks the transform of each
+    training step instead (mixed resolutions)."""
 
-    def __init__(self, corpus: Corpus, batch_size: int, transform: Callable, collate: Callable, seed: int = 0,
+    def __init__(self, corpus: Corpus, batch_size: int, transform: Callable | None, collate: Callable, seed: int = 0,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, chunk_volumes: int = 4,
-                 start_step: int = 0):
+                 start_step: int = 0, transform_for_step: Callable[[int], Callable] | None = None):
         self.corpus = corpus
         self.batch_size, self.transform, self.collate = batch_size, transform, collate
+        self.transform_for_step = transform_for_step
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers = max(1, num_workers)
         self.chunk_volumes, self.start_step = chunk_volumes, start_step
@@ -91,11 +93,14 @@ class SliceStream(IterableDataset):
         samples = self._samples(plan, first_batch * self.batch_size)
         batch_index = first_batch
         while True:
+            transform = self.transform
+            if self.transform_for_step is not None:  # this batch is training step batch_index * W + role
+                transform = self.transform_for_step(batch_index * self.num_workers + shard % self.num_workers)
             items = []
             for _ in range(self.batch_size):
                 volume, slice_index, position, image = next(samples)
                 rng = np.random.default_rng([self.seed, shard, position, 3])
-                items.append(self.transform(image, rng))
+                items.append(transform(image, rng))
             batch = self.collate(items, np.random.default_rng([self.seed, shard, batch_index, 5]))
             batch["batch_index"] = torch.tensor(batch_index)
             batch["shard"] = torch.tensor(shard)

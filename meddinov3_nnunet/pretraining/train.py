@@ -92,7 +92,9 @@ class PretrainingRun:
                 raise ResumeError(f"--resume: {self.checkpoint_path} does not exist; nothing to resume in "
                                   f"{self.output_dir}. Start the run without --resume.")
             self.saved = load_run_checkpoint(self.checkpoint_path)
-            changed = differences(self.saved["config"], cfg.to_dict())
+            # through the schema: keys added since the checkpoint was written compare at their defaults
+            changed = differences(from_dict(self.saved["config"], origin=str(self.checkpoint_path)).to_dict(),
+                                  cfg.to_dict())
             if changed:
                 raise ResumeError(
                     f"--resume: the config differs from the one {self.checkpoint_path} was trained with:\n  "
@@ -167,6 +169,8 @@ class PretrainingRun:
             self.teacher.load_state_dict(self.saved["teacher"])
             self.optimizer.load_state_dict(self.saved["optimizer"])
             self.start_step = int(self.saved["step"])
+            if self.gram_teacher is not None and "gram_teacher" in self.saved:  # refreshed during the run
+                self.gram_teacher.load_state_dict(self.saved["gram_teacher"])
         self.model = self.student
         if ctx.world_size > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
@@ -177,7 +181,9 @@ class PretrainingRun:
             SliceStream(self.corpus, self.rank_batch, augment.MultiCrop(cfg.crops),
                         _Collate(self.arch.patch_size, cfg.ibot), seed=cfg.train.seed, rank=ctx.rank,
                         world_size=ctx.world_size, num_workers=cfg.data.num_workers,
-                        chunk_volumes=cfg.data.chunk_volumes, start_step=self.start_step),
+                        chunk_volumes=cfg.data.chunk_volumes, start_step=self.start_step,
+                        transform_for_step=(augment.MixedResolutionCrops(cfg.crops, cfg.train.seed).for_step
+                                            if cfg.crops.mixed_global_sizes else None)),
             batch_size=None, num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
             pin_memory=ctx.device.type == "cuda", worker_init_fn=_worker_init,
             generator=torch.Generator(),  # keeps the global RNG (drop path) untouched by loader start-up
@@ -259,6 +265,8 @@ class PretrainingRun:
                 "schedules": schedules_at(self.config.optim, max(step - 1, 0)),
                 "data_position": {"next_step": step, "samples_per_rank": step * self.rank_batch},
                 "rng": states,
+                **({"gram_teacher": run_checkpoint.cpu_state(self.gram_teacher)} if self.gram_teacher is not None
+                   else {}),
                 "rank_fingerprints": fingerprints,
             }
             keep = step % self.config.train.keep_every == 0
@@ -313,6 +321,8 @@ class PretrainingRun:
                 self.optimizer.step()
                 update_momentum(self.student, self.teacher, values["momentum"])
                 step += 1
+                if self.gram_teacher is not None and gram_refresh_due(cfg.gram, step):
+                    self.refresh_gram_teacher()
                 now = time.time()
                 seconds, step_clock = now - step_clock, now
                 record = {"step": step - 1, **ctx.mean(parts), **values, **ctx.mean(norms),
@@ -362,6 +372,22 @@ class PretrainingRun:
                 if last_saved is not None else "no checkpoint had been written yet")
         return (f"non-finite {what} at step {step} ({shown}); the run stopped and {kept}. Lower optim.lr.peak or "
                 f"check the data, then resume with --resume.")
+
+
+    @torch.no_grad()
+    def refresh_gram_teacher(self) -> None:
+        """DINOv3's ``update_gram``: the Gram teacher becomes a copy of the EMA teacher's backbone."""
+        self.gram_teacher.load_state_dict(self.teacher.backbone.state_dict())
+        log.info("Gram teacher refreshed from the EMA teacher")
+
+
+def gram_refresh_due(gram, step: int) -> bool:
+    """Whether the Gram teacher is refreshed after ``step`` completed steps (DINOv3 train.py: step >= first,
+    step a multiple of refresh_every, fewer than refresh_max refreshes so far)."""
+    if gram.refresh_every <= 0 or step < max(gram.refresh_first, 1) or step % gram.refresh_every:
+        return False
+    done = len([s for s in range(max(gram.refresh_first, 1), step) if s % gram.refresh_every == 0])
+    return gram.refresh_max is None or done < gram.refresh_max
 
 
 class _Collate:

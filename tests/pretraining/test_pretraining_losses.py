@@ -1,10 +1,12 @@
 """The pretraining losses compute DINOv3's functions: compared with the official modules' outputs on fixed tensors
 (../shared/fixtures/dinov3_losses, within 1e-5 relative)."""
+import numpy as np
 import pytest
 import torch
 
 from meddinov3_nnunet.pretraining.losses import (GramLoss, dino_cross_entropy, ibot_masked_cross_entropy, koleo_loss,
                                                  sinkhorn_knopp)
+from meddinov3_nnunet.pretraining.config import available_configs, load_config
 from meddinov3_nnunet.pretraining.model import DINOHead
 
 RTOL = 1e-5
@@ -69,6 +71,32 @@ def test_gram_loss_matches_dinov3_in_both_negative_handling_variants(reference):
     # DINOv3's stage configs keep all similarities: a third, larger value (negatives now count)
     assert GramLoss("none")(student, teacher) > ref["loss_keep_negatives"]
     assert GramLoss("none")(teacher, teacher) == 0
+
+
+def official_gram_loss_keep_negatives(student, teacher) -> float:
+    """DINOv3 ``GramLoss(remove_neg=False, remove_only_teacher_neg=False)`` with ``img_level=True`` (loss/gram_loss.py,
+    the variant every stage config sets), written out in float64 NumPy: per image, cosine Gram matrices of the
+    L2-normalised patch features, then the mean squared difference over all images and entries."""
+    s = student.double().numpy()
+    t = teacher.double().numpy()
+    s = s / np.maximum(np.linalg.norm(s, axis=-1, keepdims=True), 1e-12)  # F.normalize(dim=-1), eps 1e-12
+    t = t / np.maximum(np.linalg.norm(t, axis=-1, keepdims=True), 1e-12)
+    student_sim = np.einsum("bnd,bmd->bnm", s, s)
+    teacher_sim = np.einsum("bnd,bmd->bnm", t, t)
+    return float(np.mean((student_sim - teacher_sim) ** 2))  # nn.MSELoss(): mean over B x N x N
+
+
+def test_gram_loss_of_the_stage_configs_matches_dinov3s_formula(reference):
+    variants = {load_config(n).gram.remove_negatives for n in available_configs() if load_config(n).gram.enabled}
+    assert variants == {"none"}  # the variant below is the only one a shipped stage uses
+    ref = reference["gram"]
+    student, teacher = ref["student_patch_features"], ref["gram_teacher_patch_features"]
+    expected = official_gram_loss_keep_negatives(student, teacher)
+    assert float(GramLoss("none")(student, teacher)) == pytest.approx(expected, rel=RTOL)
+    assert expected > float(ref["loss_keep_negatives"])  # negatives now count: more than either clamped variant
+    torch.manual_seed(3)  # and on features with a scale and many negative similarities, as real tokens have
+    a, b = 5 * torch.randn(3, 20, 16), torch.randn(3, 20, 16) - 0.5
+    assert float(GramLoss("none")(a, b)) == pytest.approx(official_gram_loss_keep_negatives(a, b), rel=RTOL)
 
 
 def test_gram_loss_rejects_mismatched_features():

@@ -18,10 +18,11 @@ from meddinov3_nnunet.pretraining.export import export_run
 from meddinov3_nnunet.pretraining.model import initialise_branch, read_starting_point
 from meddinov3_nnunet.pretraining.run_checkpoint import load_run_checkpoint
 from meddinov3_nnunet.pretraining.schedules import schedules_at
-from meddinov3_nnunet.pretraining.train import NonFiniteLossError, PretrainingRun, ResumeError
+from meddinov3_nnunet.pretraining.train import NonFiniteLossError, PretrainingRun, ResumeError, gram_refresh_due
 
 from pretraining_helpers import one_torch_thread  # noqa: F401  (autouse: one torch thread)
 from pretraining_helpers import TINY_TEST_OVERRIDES, ct_volume, tiny_config, write_volume
+from meddinov3_nnunet.pretraining.config import load_config
 
 
 @pytest.fixture(scope="module")
@@ -264,3 +265,50 @@ def test_cli_empty_corpus_is_a_clear_error(tmp_path, capsys):
                  "--corpus-workers", "1", "--no-progress"]) == 2
     assert "the corpus is empty" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "run" / "checkpoint.pth")
+
+
+def test_the_gram_teacher_is_refreshed_from_the_ema_teacher_on_dinov3s_steps(straight_run, manifest, tmp_path):
+    gram = tiny_config("gram.refresh_every=2", "gram.refresh_first=2", "gram.refresh_max=2").gram
+    assert [s for s in range(1, 10) if gram_refresh_due(gram, s)] == [2, 4]  # at most refresh_max times
+    assert [s for s in range(1, 10) if gram_refresh_due(tiny_config().gram, s)] == []  # 0: the teacher stays fixed
+    stage1, _ = straight_run
+    checkpoint = stage1 / "checkpoint.pth"
+    extra = (f"model.init={checkpoint}", "gram.enabled=true", f"gram.teacher={checkpoint}", "crops.gram_teacher_size=32",
+             "optim.iterations=3", "gram.refresh_every=2", "gram.refresh_first=2", "name=tiny_stage2", "stage=2")
+    pretraining = PretrainingRun(tiny_config(*extra), manifest, tmp_path / "run", device="cpu", progress=False)
+    pretraining.build()
+    original = {k: v.clone() for k, v in pretraining.gram_teacher.state_dict().items()}
+    pretraining.run(stop_at_step=2)  # refreshed after step 2, then saved
+    refreshed = load_run_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    teacher_backbone = {k[len("backbone."):]: v for k, v in refreshed["teacher"].items() if k.startswith("backbone.")}
+    assert all(torch.equal(v, teacher_backbone[k]) for k, v in refreshed["gram_teacher"].items())
+    assert any(not torch.equal(v, original[k]) for k, v in refreshed["gram_teacher"].items())
+    resumed = PretrainingRun(tiny_config(*extra), manifest, tmp_path / "run", resume=True, device="cpu", progress=False)
+    resumed.build()  # a resume continues with the refreshed Gram teacher, not the --gram-teacher file
+    assert all(torch.equal(v, refreshed["gram_teacher"][k]) for k, v in resumed.gram_teacher.state_dict().items())
+
+
+def test_mixed_resolutions_give_each_step_one_size_triple_with_the_configured_ratios(manifest, tmp_path):
+    config = tiny_config("crops.mixed_global_sizes=[32, 48]", "crops.mixed_local_sizes=[16, 32]",
+                         "crops.mixed_ratios=[0.75, 0.25]", "optim.iterations=4")
+    pretraining = PretrainingRun(config, manifest, tmp_path, device="cpu", progress=False)
+    pretraining.build()
+    iterator = iter(pretraining.loader)
+    sizes = [(b["global_crops"].shape[-1], b["local_crops"].shape[-1], b["masks"].shape[-1])
+             for b in (next(iterator) for _ in range(40))]
+    assert set(sizes) == {(32, 16, 4), (48, 32, 9)}  # masks follow the global crop's patch grid
+    assert 0.6 < sizes.count((32, 16, 4)) / len(sizes) < 0.9
+    del iterator
+    assert pretraining.run()["status"] == "completed"  # the loop and the losses take either size
+
+
+def test_pretraining_uses_dinov3s_drop_path_same_rate_in_every_block_on_a_batch_subset():
+    from meddinov3_nnunet.models.encoder import BatchSubsetDropPathBlock
+    from meddinov3_nnunet.pretraining.model import build_branch
+
+    backbone = build_branch(load_config("stage1_pretrain", ["model.arch=vit_tiny16"])).backbone
+    assert all(isinstance(b, BatchSubsetDropPathBlock) and b.drop_path_rate == 0.3 for b in backbone.blocks)
+    assert backbone.blocks[0].subset_size(512) == 358  # int(512 x 0.7) samples go through each residual branch
+    timm_form = build_branch(tiny_config("model.drop_path_mode=timm", "model.drop_path_rate=0.3")).backbone
+    assert not any(isinstance(b, BatchSubsetDropPathBlock) for b in timm_form.blocks)
+    assert timm_form.blocks[-1].drop_path1.drop_prob == pytest.approx(0.3)  # timm: rising to the rate at the end
