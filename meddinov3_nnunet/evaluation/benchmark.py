@@ -1,6 +1,12 @@
 """`meddinov3-nnunet benchmark`: nnU-Net trainings of several trainer/configuration rows under one budget,
 evaluated on the same validation folds, collected into paper-style tables and plots.
 
+With seeds (``--seeds 0 1`` or the preset's ``seeds``) every row and fold is trained once per seed: the trainer
+seeds torch / numpy / random and nnU-Net's augmentation workers from ``MEDDINOV3_SEED`` (`trainers/budget.py`),
+and each seed's nnU-Net results live under ``$nnUNet_results/benchmark_seed_S/`` (row outputs under
+``rows/ROW/seed_S/fold_F``), so runs of different seeds never share a folder. Without seeds nothing is seeded
+and the layout is nnU-Net's own.
+
 For each row and fold it runs (or resumes with ``--c``, or re-validates with ``--val``) ``nnUNetv2_train`` in a
 subprocess, then evaluates ``fold_F/validation`` against nnU-Net's ``gt_segmentations`` with
 `evaluate_folders`. A row is finished when its ``checkpoint_final.pth`` and its evaluation exist; re-running
@@ -22,7 +28,7 @@ from pathlib import Path
 from .. import named_files
 from ..atomic_io import write_text_atomic
 from ..errors import InputError
-from ..nnunet.budget import BATCH_SIZE, BUDGET_VARIABLES, ITERS_PER_EPOCH
+from ..nnunet.budget import BATCH_SIZE, BUDGET_VARIABLES, ITERS_PER_EPOCH, SEED
 from ..nnunet.environment import (PATH_VARIABLES, command_failed, dataset_id, find_dataset_name, nnunet_tool,
                                   plugin_environment, required_path, run_logged)
 from .benchmark_report import parse_training_logs, write_outputs
@@ -66,11 +72,15 @@ class Row:
 # ---------------------------------------------------------------------------------------------
 class Benchmark:
     def __init__(self, dataset: str, rows: list[Row], folds: list[int], preset: dict, out_dir: Path,
-                 device: str | None = None, log=print):
+                 device: str | None = None, log=print, seeds: list[int] | None = None):
         self.dataset = find_dataset_name(dataset)
         self.rows, self.folds, self.preset = rows, folds, preset
         self.out_dir, self.device, self.log = out_dir, device or preset.get("device", "cpu"), log
-        self.results_root = Path(os.environ["nnUNet_results"]) / self.dataset
+        seeds = list(seeds if seeds is not None else preset.get("seeds") or [])
+        if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds) or len(set(seeds)) < len(seeds):
+            raise BenchmarkError(f"seeds {seeds} must be distinct non-negative integers, e.g. --seeds 0 1")
+        self.seeds: list[int | None] = seeds or [None]
+        self.results_base = Path(os.environ["nnUNet_results"])
         self.preprocessed = Path(os.environ["nnUNet_preprocessed"]) / self.dataset
         self.commands: list[str] = []
 
@@ -81,14 +91,22 @@ class Benchmark:
         env = {k: v for k, v in os.environ.items() if k not in BUDGET_VARIABLES}
         return plugin_environment(env, few_workers=self.device == "cpu")
 
-    def env(self, row: Row) -> dict:
-        """Environment of one row's training: the preset's budget and the configuration's batch size."""
+    def env(self, row: Row, seed: int | None = None) -> dict:
+        """Environment of one row's training: the preset's budget, the configuration's batch size and, for a
+        seeded run, ``MEDDINOV3_SEED`` and that seed's own ``nnUNet_results`` folder."""
         env = self.base_env()
         env.update({k: str(v) for k, v in self.preset.get("budget", {}).items()})
         batch = self.preset.get("batch_size", {}).get(row.configuration)
         if batch:
             env[BATCH_SIZE] = str(batch)
+        if seed is not None:
+            env[SEED] = str(seed)
+            env["nnUNet_results"] = str(self.seed_results(seed))
         return env
+
+    def seed_results(self, seed: int | None) -> Path:
+        """The ``nnUNet_results`` folder of a seed's trainings (nnU-Net's own for unseeded runs)."""
+        return self.results_base if seed is None else self.results_base / f"benchmark_seed_{seed}"
 
     def _run(self, command: list[str], env: dict, log_file: Path, stats_file: Path | None = None) -> dict:
         self.commands.append(" ".join(f"{k}={v}" for k, v in env.items() if k.startswith("MEDDINOV3_"))
@@ -133,28 +151,29 @@ class Benchmark:
         ensure_default_splits(self.preprocessed)
 
     # -- one row / fold -------------------------------------------------------------------------
-    def fold_dir(self, row: Row, fold: int) -> Path:
-        return self.results_root / row.folder_name / f"fold_{fold}"
+    def fold_dir(self, row: Row, fold: int, seed: int | None = None) -> Path:
+        return self.seed_results(seed) / self.dataset / row.folder_name / f"fold_{fold}"
 
-    def row_out(self, row: Row, fold: int) -> Path:
-        return self.out_dir / "rows" / row.folder_name / f"fold_{fold}"
+    def row_out(self, row: Row, fold: int, seed: int | None = None) -> Path:
+        seed_part = () if seed is None else (f"seed_{seed}",)
+        return self.out_dir.joinpath("rows", row.folder_name, *seed_part, f"fold_{fold}")
 
-    def train(self, row: Row, fold: int) -> None:
-        fold_dir, out = self.fold_dir(row, fold), self.row_out(row, fold)
+    def train(self, row: Row, fold: int, seed: int | None = None) -> None:
+        fold_dir, out = self.fold_dir(row, fold, seed), self.row_out(row, fold, seed)
         command = [nnunet_tool("nnUNetv2_train"), str(dataset_id(self.dataset)), row.configuration, str(fold),
                    "-tr", row.trainer, "-p", row.plans, "-device", self.device]
         if (fold_dir / "checkpoint_final.pth").is_file():
             if (fold_dir / "validation" / "summary.json").is_file():
-                self.log(f"[{row.label} fold {fold}] trained and validated: skipped")
+                self.log(f"[{row.label} fold {fold}{_seed_text(seed)}] trained and validated: skipped")
                 return
-            self._run(command + ["--val"], self.env(row), out / "train.log", out / "validation.stats.json")
+            self._run(command + ["--val"], self.env(row, seed), out / "train.log", out / "validation.stats.json")
             return
         if (fold_dir / "checkpoint_latest.pth").is_file():
             command.append("--c")
-        self._run(command, self.env(row), out / "train.log", out / "train.stats.json")
+        self._run(command, self.env(row, seed), out / "train.log", out / "train.stats.json")
 
-    def evaluate(self, row: Row, fold: int) -> dict:
-        out, validation = self.row_out(row, fold), self.fold_dir(row, fold) / "validation"
+    def evaluate(self, row: Row, fold: int, seed: int | None = None) -> dict:
+        out, validation = self.row_out(row, fold, seed), self.fold_dir(row, fold, seed) / "validation"
         # reuse an evaluation only if it is newer than every file of the validation folder (a row trained or
         # validated again must not keep the numbers of its previous predictions)
         newest_prediction = max((p.stat().st_mtime for p in validation.iterdir()), default=0.0)
@@ -171,29 +190,35 @@ class Benchmark:
         collected = {}
         for row in self.rows:
             for fold in self.folds:
-                if not collect_only:
-                    self.log(f"[{row.label} fold {fold}] {datetime.now():%H:%M:%S}")
-                    self.train(row, fold)
-                if not (self.fold_dir(row, fold) / "validation").is_dir():
-                    self.log(f"[{row.label} fold {fold}] no validation predictions yet: left out of the table")
-                    continue
-                collected[(row, fold)] = self.collect(row, fold)
+                for seed in self.seeds:
+                    where = f"[{row.label} fold {fold}{_seed_text(seed)}]"
+                    if not collect_only:
+                        self.log(f"{where} {datetime.now():%H:%M:%S}")
+                        self.train(row, fold, seed)
+                    if not (self.fold_dir(row, fold, seed) / "validation").is_dir():
+                        self.log(f"{where} no validation predictions yet: left out of the table")
+                        continue
+                    collected[(row, fold, seed)] = self.collect(row, fold, seed)
         if self.commands:
             with open(self.out_dir / "commands.txt", "a") as handle:
                 handle.write(f"# {datetime.now():%Y-%m-%d %H:%M}\n" + "\n".join(self.commands) + "\n")
         return write_outputs(collected, self.out_dir, self.preset)
 
-    def collect(self, row: Row, fold: int) -> dict:
-        summary = self.evaluate(row, fold)
-        out = self.row_out(row, fold)
-        logs = parse_training_logs(self.fold_dir(row, fold))
+    def collect(self, row: Row, fold: int, seed: int | None = None) -> dict:
+        summary = self.evaluate(row, fold, seed)
+        out = self.row_out(row, fold, seed)
+        logs = parse_training_logs(self.fold_dir(row, fold, seed))
         stats = json.loads((out / "train.stats.json").read_text()) if (out / "train.stats.json").is_file() else {}
         budget = self.preset.get("budget", {})
         iterations = int(budget.get(ITERS_PER_EPOCH, 250))
         train_seconds = sum(logs["epoch_seconds"])
-        return {"row": row, "fold": fold, "summary": summary, "curves": logs, "stats": stats,
+        return {"row": row, "fold": fold, "seed": seed, "summary": summary, "curves": logs, "stats": stats,
                 "epochs": len(logs["train_loss"]), "iterations_per_epoch": iterations,
                 "iterations_per_second": len(logs["epoch_seconds"]) * iterations / train_seconds if train_seconds else math.nan}
+
+
+def _seed_text(seed: int | None) -> str:
+    return "" if seed is None else f" seed {seed}"
 
 
 def ensure_default_splits(preprocessed: Path) -> None:
@@ -212,12 +237,14 @@ def ensure_default_splits(preprocessed: Path) -> None:
 
 
 def run_benchmark(dataset: str, preset_name: str, rows: list[str] | None, folds: list[int] | None, out_dir: str,
-                  device: str | None = None, collect_only: bool = False, prepare_only: bool = False) -> dict:
+                  device: str | None = None, collect_only: bool = False, prepare_only: bool = False,
+                  seeds: list[int] | None = None) -> dict:
     for name in PATH_VARIABLES:
         required_path(name)
     preset = load_preset(preset_name)
     parsed = [Row.parse(text) for text in (rows or preset["rows"])]
-    benchmark = Benchmark(dataset, parsed, folds or preset.get("folds", [0]), preset, Path(out_dir), device)
+    benchmark = Benchmark(dataset, parsed, folds or preset.get("folds", [0]), preset, Path(out_dir), device,
+                          seeds=seeds)
     started = time.time()
     if prepare_only:
         benchmark.prepare()

@@ -64,6 +64,8 @@ def parse_training_logs(fold_dir: Path) -> dict:
 
 
 def write_outputs(collected: dict, out_dir: Path, preset: dict) -> dict:
+    """``collected`` maps ``(row, fold)`` or ``(row, fold, seed)`` to a collected run. One table line per row and
+    fold: a single run as mean ± sd over cases, several seeds as the mean over seeds ± the sd over seeds."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if not collected:
         return {}
@@ -74,28 +76,45 @@ def write_outputs(collected: dict, out_dir: Path, preset: dict) -> dict:
                  "train it/s", "inference s/case", "peak RSS (MiB)"])
     with_gpu = any(item["stats"].get("gpu_peak_mib") is not None for item in collected.values())
     header += ["peak GPU memory (MiB)"] if with_gpu else []
+    header += ["seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    records = []
-    for (row, fold), item in collected.items():
-        summary, stats = item["summary"], item["stats"]
+    records, groups = [], {}
+    for key, item in collected.items():
+        row, fold, seed = (*key, None)[:3]
+        summary = item["summary"]
+        overall = _overall_with_undefined(summary)
+        record = {"label": row.label, "trainer": row.trainer, "configuration": row.configuration, "fold": fold,
+                  "seed": seed,
+                  "summary": {"per_class": summary["per_class"], "overall": overall,
+                              "num_cases": summary["num_cases"], "nsd_tolerance_mm": summary["nsd_tolerance_mm"]},
+                  "curves": item["curves"], "stats": item["stats"], "epochs": item["epochs"],
+                  "iterations_per_epoch": item["iterations_per_epoch"],
+                  "iterations_per_second": item["iterations_per_second"]}
+        records.append(record)
+        groups.setdefault((row, fold), []).append(record)
+    several = False
+    for (row, fold), runs in groups.items():
+        several |= len(runs) > 1
         cells = [row.label, row.trainer, row.configuration, str(fold)]
-        cells += [format_cell(summary["per_class"][c]["dsc"], "dsc") for c in classes]
-        cells += [format_cell(summary["overall"][m], m) for m in METRICS]
-        wall = stats.get("wall_seconds", math.nan) / 60
-        cells += [f"{item['epochs']} x {item['iterations_per_epoch']}", f"{wall:.1f}",
-                  f"{item['iterations_per_second']:.2f}",
-                  f"{item['curves'].get('inference_seconds_per_case', math.nan):.2f}",
-                  f"{stats.get('max_rss_mib', math.nan):.0f}"]
+        cells += [format_cell(_over_seeds([r["summary"]["per_class"][c]["dsc"] for r in runs]), "dsc") for c in classes]
+        cells += [format_cell(_over_seeds([r["summary"]["overall"][m] for r in runs]), m) for m in METRICS]
+        timing = {name: float(np.mean([fn(r) for r in runs])) for name, fn in _TIMING.items()}
+        cells += [f"{runs[0]['epochs']} x {runs[0]['iterations_per_epoch']}", f"{timing['wall'] / 60:.1f}",
+                  f"{timing['it_s']:.2f}", f"{timing['inference']:.2f}", f"{timing['rss']:.0f}"]
         if with_gpu:
-            cells.append(f"{stats['gpu_peak_mib']:.0f}" if stats.get("gpu_peak_mib") is not None else "n/a")
+            gpu = [r["stats"]["gpu_peak_mib"] for r in runs if r["stats"].get("gpu_peak_mib") is not None]
+            cells.append(f"{np.mean(gpu):.0f}" if gpu else "n/a")
+        seeds = [r["seed"] for r in runs if r["seed"] is not None]
+        cells.append(", ".join(map(str, seeds)) if seeds else "none")
         lines.append("| " + " | ".join(cells) + " |")
-        records.append({"label": row.label, "trainer": row.trainer, "configuration": row.configuration, "fold": fold,
-                        "summary": {k: summary[k] for k in ("per_class", "overall", "num_cases", "nsd_tolerance_mm")},
-                        "curves": item["curves"], "stats": stats, "epochs": item["epochs"],
-                        "iterations_per_epoch": item["iterations_per_epoch"],
-                        "iterations_per_second": item["iterations_per_second"]})
     note = (f"DSC and NSD in % (NSD tolerance {first['nsd_tolerance_mm']:g} mm), mean ± sd over the "
-            f"{first['num_cases']} validation cases; means are class-averaged. Wall time: the whole nnUNetv2_train "
+            f"{first['num_cases']} validation cases; means are class-averaged. "
+            + ("Rows with several seeds: mean over the seeds' values ± their sd over seeds (n - 1), timings averaged "
+               "over seeds. " if several else "")
+            + "(k undef.): k case x class values without a defined value (e.g. HD95 when the prediction or the "
+            "reference is empty), left out of that mean (class-averaged columns: summed over classes"
+            + (" and seeds" if several else "") + "). Seeds: MEDDINOV3_SEED of the run ('none': unseeded). "
+            f"Wall time: the whole nnUNetv2_train "
             f"call (start-up, training, final validation). it/s: training iterations per second of epoch time "
             f"(epoch time includes nnU-Net's per-epoch validation batches). Inference: seconds per validation case "
             f"(sliding window with mirroring, export). Peak RSS: largest process of the training. "
@@ -109,7 +128,34 @@ def write_outputs(collected: dict, out_dir: Path, preset: dict) -> dict:
     return {"table": table, "records": records}
 
 
-CSV_COLUMNS = ["label", "trainer", "configuration", "fold", "class", "metric", "mean", "sd", "n", "undefined",
+_TIMING = {
+    "wall": lambda r: r["stats"].get("wall_seconds", math.nan),
+    "it_s": lambda r: r["iterations_per_second"],
+    "inference": lambda r: r["curves"].get("inference_seconds_per_case", math.nan),
+    "rss": lambda r: r["stats"].get("max_rss_mib", math.nan),
+}
+
+
+def _overall_with_undefined(summary: dict) -> dict:
+    """The class-averaged statistics with ``undefined``: the undefined case values summed over classes."""
+    return {metric: {**stats, "undefined": sum(int(summary["per_class"][c][metric].get("undefined", 0))
+                                               for c in summary["per_class"])}
+            for metric, stats in summary["overall"].items()}
+
+
+def _over_seeds(stats: list[dict]) -> dict:
+    """One run: its statistics. Several (seeds): mean and sd (n - 1) over the runs' finite means; undefined
+    values summed."""
+    undefined = sum(int(s.get("undefined", 0)) for s in stats)
+    if len(stats) == 1:
+        return {**stats[0], "undefined": undefined}
+    means = np.array([s["mean"] for s in stats], dtype=float)
+    means = means[np.isfinite(means)]
+    return {"mean": float(means.mean()) if means.size else math.nan,
+            "sd": float(means.std(ddof=1)) if means.size > 1 else math.nan, "undefined": undefined}
+
+
+CSV_COLUMNS = ["label", "trainer", "configuration", "fold", "seed", "class", "metric", "mean", "sd", "n", "undefined",
                "epochs", "iterations_per_epoch", "train_wall_seconds", "train_iterations_per_second",
                "inference_seconds_per_case", "validation_seconds", "peak_rss_mib", "peak_gpu_mib"]
 
@@ -132,7 +178,8 @@ def table_csv(records: list[dict]) -> str:
         groups = list(record["summary"]["per_class"].items()) + [("mean", record["summary"]["overall"])]
         for name, metrics in groups:
             for metric, entry in metrics.items():
-                writer.writerow([record["label"], record["trainer"], record["configuration"], record["fold"], name,
+                writer.writerow([record["label"], record["trainer"], record["configuration"], record["fold"],
+                                 "" if record.get("seed") is None else record["seed"], name,
                                  metric, f"{entry['mean']:.6g}", f"{entry['sd']:.6g}", entry.get("n", ""),
                                  entry.get("undefined", "")] + [f"{v:.6g}" if isinstance(v, float) else v
                                                                  for v in timing])
@@ -145,8 +192,10 @@ def plot_results(collected: dict, out_dir: Path, classes: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{row.label}" + (f" (fold {fold})" if len({f for _, f in collected}) > 1 else "")
-              for row, fold in collected]
+    keys = [(*key, None)[:3] for key in collected]
+    several_folds = len({fold for _, fold, _ in keys}) > 1
+    labels = [row.label + (f" (fold {fold})" if several_folds else "") + ("" if seed is None else f" seed {seed}")
+              for row, fold, seed in keys]
     per_case = [[np.mean([case[c]["dsc"] for c in classes]) for case in item["summary"]["per_case"].values()]
                 for item in collected.values()]
     figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4.5))
@@ -161,11 +210,11 @@ def plot_results(collected: dict, out_dir: Path, classes: list[str]) -> None:
     plt.close(figure)
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for (row, fold), item in collected.items():
+    for label, item in zip(labels, collected.values()):
         curves = item["curves"]
-        line, = axes[0].plot(curves["train_loss"], label=f"{row.label} train")
+        line, = axes[0].plot(curves["train_loss"], label=f"{label} train")
         axes[0].plot(curves["val_loss"], linestyle="--", color=line.get_color())
-        axes[1].plot(curves["pseudo_dice"], label=row.label, color=line.get_color())
+        axes[1].plot(curves["pseudo_dice"], label=label, color=line.get_color())
     axes[0].set(xlabel="epoch", ylabel="loss (Dice + CE; dashed: validation)")
     axes[1].set(xlabel="epoch", ylabel="pseudo Dice (nnU-Net's online validation)", ylim=(0, 1))
     axes[1].legend(fontsize=7)
