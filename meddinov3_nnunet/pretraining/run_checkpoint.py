@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -45,7 +46,37 @@ def checked(obj, path: str | os.PathLike) -> dict:
 
 
 def load_run_checkpoint(path: str | os.PathLike) -> dict:
-    return checked(load_torch_file(str(path)), path)
+    """A run checkpoint; when ``path`` is a run's damaged ``checkpoint.pth`` the error points to the newest intact
+    ``checkpoint_stepN.pth`` kept beside it."""
+    try:
+        return checked(load_torch_file(str(path)), path)
+    except CheckpointError as err:
+        path = Path(path)
+        if path.name != CHECKPOINT_NAME:
+            raise
+        intact = newest_intact_kept(path.parent)
+        fix = (f" The newest intact kept copy is {intact} (step {_kept_step(intact)}): `cp {intact} {path}` and "
+               f"resume from there." if intact else " No intact checkpoint_step*.pth is kept beside it.")
+        raise CheckpointError(f"{err}{fix}") from None
+
+
+_KEPT = re.compile(r"^checkpoint_step(\d+)\.pth$")
+
+
+def _kept_step(path: Path) -> int:
+    return int(_KEPT.match(path.name).group(1))
+
+
+def newest_intact_kept(run_dir: str | os.PathLike) -> Path | None:
+    """The ``checkpoint_stepN.pth`` of ``run_dir`` with the highest N that loads as a run checkpoint, or None."""
+    kept = sorted((p for p in Path(run_dir).iterdir() if _KEPT.match(p.name)), key=_kept_step, reverse=True)
+    for candidate in kept:
+        try:
+            checked(load_torch_file(str(candidate)), candidate)
+            return candidate
+        except CheckpointError:
+            continue
+    return None
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -155,3 +186,19 @@ def save(payload: dict, path: Path, keep_as: Path | None = None) -> None:
 
 def kept_name(step: int) -> str:
     return f"checkpoint_step{step:07d}.pth"
+
+
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # atomic_io's ".NAME.RANDOM.tmp"
+
+
+def remove_interrupted_writes(run_dir: str | os.PathLike) -> list[str]:
+    """Deletes the temporaries of atomic writes that a killed run left in ``run_dir`` (``.checkpoint.pth.*.tmp``,
+    ``.loss_curves.png.*.tmp``, ...; up to a full checkpoint each) and returns their names. Call it when a run
+    starts, before anything writes there."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    removed = sorted(p.name for p in run_dir.iterdir() if p.is_file() and _TEMPORARY.match(p.name))
+    for name in removed:
+        (run_dir / name).unlink(missing_ok=True)
+    return removed

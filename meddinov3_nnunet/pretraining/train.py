@@ -284,6 +284,8 @@ class PretrainingRun:
         stop = min(total_steps, stop_at_step) if stop_at_step is not None else total_steps
         if ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            for name in run_checkpoint.remove_interrupted_writes(self.output_dir):
+                log.info("removed %s, left by an interrupted write of an earlier start", name)
             (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
         ctx.barrier()
         metrics = MetricsLog(self.output_dir / "metrics.jsonl", self.start_step) if ctx.is_main else None
