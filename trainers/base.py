@@ -44,7 +44,7 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
     encoder_flavour = "meddinov3"
     multiscale = True
     tap_blocks = None  # None: last block of each quarter (2, 5, 8, 11 for ViT-B)
-    drop_path_rate = 0.2
+    drop_path_rate = 0.2  # MedDINOv3's trainer: vit_base(drop_path_rate=0.2), DINOv3's batch-subset form, every block
     encoder_patch_size = 16  # 8: finer tokens, patch embedding resampled from the patch-16 weights at load
     decoder = "aggregation"  # or "projected" (1x1 projection of the taps to the embedding width, FlexiCT)
 
