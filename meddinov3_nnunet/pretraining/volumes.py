@@ -1,7 +1,8 @@
 """Reading one volume and turning it into normalised axial slices: the per-volume half of the corpus.
 
-`read_volume` reads a file or a DICOM series (SimpleITK), reoriented to LPS so that ``array[z]`` is an
-axial slice; `index_volume` decides a volume's modality, its normalisation ``[low, high, offset, scale]`` and
+`read_volume` reads a file or a DICOM series with the project's verified reader (`meddinov3_nnunet.volume_io`:
+a cut or empty file is an error, never a zero-filled volume; 2D images are refused, the corpus takes 3D volumes),
+reoriented to LPS so that ``array[z]`` is an axial slice; `index_volume` decides a volume's modality, its normalisation ``[low, high, offset, scale]`` and
 the slices that pass the filters (see `corpus` for the rules); `normalise_slice` applies the normalisation
 when slices are streamed.
 """
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from meddinov3_nnunet import volume_io
 
 
 @dataclass
@@ -27,38 +30,10 @@ class Candidate:
 
 def read_volume(path: str, series: str | None = None) -> tuple[np.ndarray, tuple[float, float, float], "object"]:
     """Array (z, y, x) in LPS orientation (axial slices along axis 0), spacing (z, y, x) in mm, and the image.
-
-    The one place the pretraining code reads a volume (indexing, streaming, the linear probe): a verified
-    project-wide reader replaces `_read_image` here and nowhere else."""
-    import SimpleITK as sitk
-
-    image = _read_image(path, series)
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"{image.GetNumberOfComponentsPerPixel()}-component pixels (colour or vector image)")
-    if image.GetDimension() == 3:
-        image = sitk.DICOMOrient(image, "LPS")
-    elif image.GetDimension() != 2:
-        raise ValueError(f"{image.GetDimension()}D image; only 2D and 3D volumes are supported")
-    array = sitk.GetArrayFromImage(image)
-    spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
-    if array.ndim == 2:
-        array = array[None]
-        spacing = (1.0,) + spacing
-    return array, spacing, image
-
-
-def _read_image(path: str, series: str | None):
-    """SimpleITK image of a file, or of DICOM series ``series`` in folder ``path``."""
-    import SimpleITK as sitk
-
-    if series is None:
-        return sitk.ReadImage(path)
-    names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(path, series)
-    if not names:
-        raise OSError(f"DICOM series {series} has no files in {path}")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(names)
-    return reader.Execute()
+    The one place the pretraining code reads a volume (indexing, streaming); raises `VolumeError` naming the
+    file and the reason."""
+    volume = volume_io.read_volume(path, series=series, orient_lps=True)
+    return volume.array, volume.spacing, volume.image
 
 
 def dicom_modality(path: str, series: str) -> str | None:
@@ -122,8 +97,8 @@ def index_volume(candidate: Candidate, settings: dict) -> dict:
     or ``{'skipped': reason}`` (never raises for a bad file)."""
     try:
         array, spacing, _ = read_volume(candidate.path, candidate.series)
-    except Exception as err:  # SimpleITK/GDCM/ITK raise RuntimeError for damaged files; anything else too
-        return {"skipped": f"unreadable ({short_error(err)})"}
+    except volume_io.VolumeError as err:  # cut, empty, damaged, 2D, colour: the reader names the reason
+        return {"skipped": f"unreadable: {str(err).removeprefix(candidate.path + ': ')}"}
     try:
         modality = candidate.modality
         if modality == "auto":
