@@ -25,7 +25,8 @@ from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
 from meddinov3_nnunet.nnunet.finetune import FinetuneRecipe, WarmupLinearDecay, build_optimizer
-from meddinov3_nnunet.models.checkpoints import CheckpointError, load_into, read_checkpoint
+from meddinov3_nnunet.errors import InputError
+from meddinov3_nnunet.models.checkpoints import CheckpointError, SizeMismatchError, load_into, read_checkpoint
 from meddinov3_nnunet.models.encoder import build_encoder
 from meddinov3_nnunet.models.network import MedDINOv3Net, build_network
 from meddinov3_nnunet.models.patch_size import with_patch_size
@@ -151,25 +152,55 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
             return
         if path is None:
             if self.encoder_weights == "required":
-                raise RuntimeError(
+                scratch = self.trainer_names(
+                    lambda t: t.encoder_weights == "none" and t.encoder_preset == self.encoder_preset,
+                    preferred=f"{type(self).__name__}_scratch") or [
+                    f"a from-scratch subclass (encoder_weights = 'none') of {type(self).__name__}"]
+                self._refuse(InputError(
                     f"{type(self).__name__} needs encoder weights and none are configured. Download "
                     f"{self.weights_hint} (or export your own with `meddinov3-nnunet export`) and either "
                     f"`export {self.weights_env_var}=/path/to/weights.pth` or run "
                     f"`meddinov3-nnunet plan -d DATASET --weights /path/to/weights.pth`. To train without "
-                    f"pretrained weights use MedDINOv3Trainer_scratch.")
+                    f"pretrained weights use {scratch[0]}."))
             self.print_to_log_file("encoder: random initialisation (no weights configured)")
             return
         try:
             checkpoint = with_patch_size(read_checkpoint(path), encoder.patch_size)
             load_into(encoder, checkpoint)
+        except SizeMismatchError as err:
+            names = self.trainer_names(lambda t: t.encoder_preset == err.checkpoint_preset
+                                       and t.encoder_weights != "none")
+            self._refuse(SizeMismatchError(
+                f"{type(self).__name__} (encoder {self.encoder_preset}, weights from {source}): {err}"
+                + (f"; for these weights use {names[0]}" if names else ""), err.checkpoint_preset))
         except CheckpointError as err:
-            raise CheckpointError(f"{type(self).__name__} (encoder {self.encoder_preset}, weights from {source}): "
-                                  f"{err}") from None
+            self._refuse(CheckpointError(f"{type(self).__name__} (encoder {self.encoder_preset}, weights from "
+                                         f"{source}): {err}"))
         self.print_to_log_file(f"encoder: loaded {path} (format {checkpoint.format}, from {source}; "
                                f"{len(checkpoint.state_dict)} tensors, {checkpoint.num_parameters:,} parameters)"
                                + ("; patch embedding resampled from patch %d to %d (FlexiViT pseudo-inverse)"
                                   % tuple(checkpoint.meta["resampled_patch_size"])
                                   if "resampled_patch_size" in checkpoint.meta else ""))
+
+    def _refuse(self, error: Exception) -> None:
+        """Logs ``error`` as one clear ERROR line (console and training log) before the traceback, then raises it."""
+        self.print_to_log_file(f"ERROR: {error}")
+        raise error
+
+    @classmethod
+    def trainer_names(cls, accept, preferred: str | None = None) -> list[str]:
+        """Names of the loaded trainer classes (nnU-Net imports every module of the trainer folder) with the same
+        input dimensionality, decoder and patch size as this one that ``accept``; ``preferred`` first if among
+        them, then the shortest names."""
+        found, stack = set(), [MedDINOv3Trainer]
+        while stack:
+            trainer = stack.pop()
+            stack.extend(trainer.__subclasses__())
+            if accept(trainer) and trainer.build_plain_network.__func__ is cls.build_plain_network.__func__ \
+                    and trainer.decoder == cls.decoder and trainer.multiscale == cls.multiscale \
+                    and trainer.encoder_patch_size == cls.encoder_patch_size:
+                found.add(trainer.__name__)
+        return sorted(found, key=lambda name: (name != preferred, len(name), name))
 
     def on_train_start(self):
         if not self.was_initialized:
@@ -181,6 +212,13 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
     # -- training step: configurable clipping, bf16/fp16 autocast on CUDA, fp32 elsewhere ----------
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
+        # MEDDINOV3_CHECK_INPUT=1 refuses non-finite batches. Off by default: nnU-Net's preprocessing gives finite
+        # data, and the check costs a device sync per step; turn it on when the loss turns NaN to find the case.
+        if os.environ.get("MEDDINOV3_CHECK_INPUT") == "1" and not torch.isfinite(data).all():
+            cases = ", ".join(map(str, batch.get("keys", [])))
+            self._refuse(InputError(
+                f"non-finite values (NaN/inf) in the input batch of case(s) {cases}: one such voxel makes every "
+                f"output NaN; check those images and run nnU-Net's preprocessing again"))
         target = batch["target"].to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cuda") if self.device.type == "cuda" else dummy_context():
