@@ -207,4 +207,5 @@ def test_weights_of_another_architecture_are_a_clear_error(trained, monkeypatch,
         trainer.load_encoder_weights()
     message = str(info.value)
     assert message.startswith("MedDINOv3Trainer_S (encoder vit_s16, weights from environment variable MEDDINOV3_WEIGHTS)")
-    assert "detected format: meddinov3_teacher" in message and "wrongly shaped keys" in message
+    assert "holds another encoder size (vit_tiny16: dim 96" in message
+    assert message.endswith("for these weights use MedDINOv3Trainer_tiny")
