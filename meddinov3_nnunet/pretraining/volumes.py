@@ -76,6 +76,11 @@ def expand_ranges(ranges: Sequence[Sequence[int]]) -> np.ndarray:
     return np.concatenate([np.arange(a, b) for a, b in ranges])
 
 
+def guess_modality(array: np.ndarray) -> str:
+    """For volumes without a DICOM modality tag: CT if the 1st percentile is below -500 (air in HU), else MRI."""
+    return "ct" if float(np.percentile(subsample(array), 1.0)) < -500 else "mri"
+
+
 def volume_normalisation(array: np.ndarray, modality: str, settings: dict) -> list[float] | None:
     """``[low, high, offset, scale]`` for `normalise_slice`: CT clipped to the HU window and z-scored with the
     corpus constants; MRI clipped to its own percentiles and z-scored per volume (None for a constant volume)."""
@@ -106,7 +111,7 @@ def index_volume(candidate: Candidate, settings: dict) -> dict:
             if tag is not None:
                 modality = "ct" if tag == "CT" else "mri"
             else:
-                modality = "ct" if float(np.percentile(subsample(array), 1.0)) < -500 else "mri"
+                modality = guess_modality(array)
         norm = volume_normalisation(array, modality, settings)
         if norm is None:
             return {"skipped": "constant volume (no intensity variation)"}

@@ -15,7 +15,7 @@ from meddinov3_nnunet.models.checkpoints import load_encoder
 from meddinov3_nnunet.models.encoder import DINOv3Encoder
 from meddinov3_nnunet.models.presets import SIZES, default_tap_blocks, preset
 from meddinov3_nnunet.pretraining.config import CorpusConfig
-from meddinov3_nnunet.pretraining.volumes import normalise_slice, subsample, volume_normalisation
+from meddinov3_nnunet.pretraining.volumes import guess_modality, normalise_slice, volume_normalisation
 from meddinov3_nnunet.volume_io import read_volume
 
 RANDOM_PREFIX = "random:"
@@ -38,11 +38,6 @@ def open_encoder(spec: str) -> tuple[DINOv3Encoder, str]:
     if not Path(spec).is_file():
         raise InputError(f"{spec}: no such checkpoint file (or use random:PRESET[:SEED] for a random encoder)")
     return load_encoder(spec).eval(), Path(spec).name
-
-
-def guess_modality(array: np.ndarray) -> str:
-    """The corpus rule for files without a DICOM tag: CT if the 1st percentile is below -500 (air in HU)."""
-    return "ct" if float(np.percentile(subsample(array), 1.0)) < -500 else "mri"
 
 
 def read_normalised(path: str | Path, modality: str = "auto") -> tuple[np.ndarray, np.ndarray, str]:

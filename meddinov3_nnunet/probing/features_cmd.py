@@ -19,11 +19,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("volume", help="NIfTI / NRRD / MHA volume")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--slice", type=int, default=None, help="axial slice index (LPS order, 0 = feet)")
-    which.add_argument("--slices", type=int, default=1, help="this many evenly spaced axial slices (default 1: the middle)")
-    parser.add_argument("--block", type=int, default=-1, help="block whose tokens to show (0-based, -1 = last; default -1)")
+    which.add_argument("--slices", type=int, default=1,
+                       help="this many evenly spaced axial slices (default 1: the middle)")
+    parser.add_argument("--block", type=int, default=-1,
+                        help="block whose tokens to show (0-based, -1 = last; default -1)")
     parser.add_argument("--size", type=int, default=448, help="encoder input size of the longer side, px (default 448)")
     parser.add_argument("--modality", choices=("auto", "ct", "mri"), default="auto",
-                        help="preprocessing: ct (HU window + z-score), mri (per-volume z-score); auto guesses (default)")
+                        help="preprocessing: ct (HU window + z-score), mri (per-volume z-score); "
+                             "auto guesses (default)")
     parser.add_argument("-o", "--output", required=True, help="PNG to write")
 
 

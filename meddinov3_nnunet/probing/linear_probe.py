@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from meddinov3_nnunet.errors import InputError
 from meddinov3_nnunet.pretraining.config import CorpusConfig
+from meddinov3_nnunet.pretraining.corpus import _nnunet_modality as nnunet_modality
 from meddinov3_nnunet.pretraining.volumes import normalise_slice, volume_normalisation
 from meddinov3_nnunet.volume_io import read_volume
 
@@ -54,8 +55,7 @@ def load_dataset(folder: str | Path, max_cases: int | None = None) -> ProbeData:
         raise InputError(f"{folder}: no dataset.json; pass an nnU-Net raw dataset folder (nnUNet_raw/DatasetXXX_Name)")
     meta = json.loads((folder / "dataset.json").read_text())
     ending = meta.get("file_ending", ".nii.gz")
-    channel = str((meta.get("channel_names") or meta.get("modality") or {}).get("0", ""))
-    modality = "ct" if channel.strip().lower() == "ct" else "mri"
+    modality = nnunet_modality(meta.get("channel_names") or meta.get("modality") or {}, 0)
     labels = {name: int(value) for name, value in meta.get("labels", {}).items() if int(value) != 0}
     names = sorted(p.name[:-len(ending)] for p in (folder / "labelsTr").glob(f"*{ending}"))[:max_cases]
     if len(names) < 2:

@@ -1,4 +1,4 @@
-"""`evaluation.probe_every`: the pretraining loop probes its teacher, logs probe.jsonl and plots it beside the losses."""
+"""`evaluation.probe_every`: the pretraining loop probes its teacher, logs probe.jsonl, plots it beside the losses."""
 import json
 
 import matplotlib.image
