@@ -5,7 +5,8 @@ Usage (the official code is never committed; extract a checkout to /tmp first)::
     mkdir -p /tmp/dinov3 && git --git-dir=<dinov3 .git> archive HEAD dinov3 | tar -x -C /tmp/dinov3
     python benchmarks/parity/dinov3_train_step.py /tmp/dinov3 [--output tests/pretraining/data/dinov3_train_step.json]
 
-Needs ``omegaconf`` (pip). What runs is the official code: ``SSLMetaArch.__init__`` (heads, losses, Gram teacher),
+Needs ``omegaconf`` and ``termcolor`` (pip) and a C++ compiler (the official iBOT Sinkhorn-Knopp is
+``torch.compile``'d; about a minute on 1 CPU thread). What runs is the official code: ``SSLMetaArch.__init__`` (heads, losses, Gram teacher),
 ``forward_backward`` (teacher / student / Gram outputs, ``compute_losses``, ``backward``), ``get_params_groups``,
 ``train.build_optimizer``, ``train.build_schedulers`` (v2, ``linear_warmup_cosine_decay`` with the
 ``sqrt_wrt_1024`` lr rule), ``apply_optim_scheduler``, the per-module ``clip_grad_norm_`` of ``do_train``,
