@@ -30,6 +30,35 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def _reads(trainer, variable: str) -> bool:
+    return trainer is not None and getattr(trainer, "weights_env_var", None) == variable
+
+
+def check_weights(path: str, trainer=None) -> str:
+    """The strict check of training (size, keys, non-finite values) on a weights file, against ``trainer``'s
+    encoder when given (else the file's own architecture); returns a one-line description, raises
+    `CheckpointError`, naming the trainer of the file's size when the size is wrong."""
+    from meddinov3_nnunet.models.checkpoints import SizeMismatchError, check_checkpoint, read_checkpoint
+    from meddinov3_nnunet.models.key_layouts import describe_arch
+
+    checkpoint, arch = read_checkpoint(path), None
+    if trainer is not None:
+        from meddinov3_nnunet.models.patch_size import with_patch_size
+        from meddinov3_nnunet.models.presets import preset
+
+        checkpoint = with_patch_size(checkpoint, trainer.encoder_patch_size)
+        arch = preset(trainer.encoder_preset, trainer.encoder_flavour, patch_size=trainer.encoder_patch_size)
+    try:
+        check_checkpoint(checkpoint, arch)
+    except SizeMismatchError as err:
+        names = trainer.trainer_names(lambda t: t.encoder_preset == err.checkpoint_preset
+                                      and t.encoder_weights != "none") if trainer is not None else []
+        raise SizeMismatchError(f"{err}" + (f"; for these weights use {names[0]} instead of {trainer.__name__}"
+                                            if names else ""), err.checkpoint_preset) from None
+    return f"{checkpoint.format}, {describe_arch(checkpoint.arch)}" + (
+        f"; fits {trainer.__name__}" if trainer is not None else "")
+
+
 def run(args: argparse.Namespace) -> int:
     import meddinov3_nnunet
 
@@ -60,7 +89,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:<20} {value or ''} {state}".rstrip())
         if not value:
             missing.append(f"export {name}=/path/to/{name} (see nnU-Net's documentation/setting_up_paths.md)")
+        elif name == "nnUNet_raw" and not os.path.isdir(value):  # the others nnU-Net creates; this one holds the data
+            missing.append(f"nnUNet_raw={value} does not exist: create it and put the datasets there "
+                           f"(DatasetXXX_Name/imagesTr, labelsTr, dataset.json)")
 
+    trainer = None
     print("trainer discovery")
     print(f"  trainer folder    {ext_dir}")
     configured = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
@@ -87,11 +120,10 @@ def run(args: argparse.Namespace) -> int:
         if not path:
             print(f"  {variable:<17} not set (or use `meddinov3-nnunet plan --weights`)")
             continue
-        from meddinov3_nnunet.models.checkpoints import CheckpointError, read_checkpoint
+        from meddinov3_nnunet.models.checkpoints import CheckpointError
 
         try:
-            ckpt = read_checkpoint(path)
-            print(f"  {variable:<17} {path}: {ckpt.format}, dim {ckpt.arch.embed_dim}, depth {ckpt.arch.depth}")
+            print(f"  {variable:<17} {path}: {check_weights(path, trainer if _reads(trainer, variable) else None)}")
         except CheckpointError as err:
             missing.append(f"{variable}: {err}")
 
