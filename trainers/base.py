@@ -12,6 +12,9 @@ Encoder weights are looked up when training starts (never in `build_network_arch
 
 Budget overrides for quick or benchmark runs (logged): ``MEDDINOV3_NUM_EPOCHS``,
 ``MEDDINOV3_ITERS_PER_EPOCH``, ``MEDDINOV3_VAL_ITERS``, ``MEDDINOV3_BATCH_SIZE``.
+
+Mixed precision (training, validation and ``nnUNetv2_predict``): ``MEDDINOV3_AMP=auto|bf16|fp16|off``, see
+`meddinov3_nnunet.nnunet.precision`.
 """
 from __future__ import annotations
 
@@ -19,11 +22,11 @@ import os
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
+from meddinov3_nnunet.nnunet import precision
 from meddinov3_nnunet.nnunet.finetune import FinetuneRecipe, WarmupLinearDecay, build_optimizer
 from meddinov3_nnunet.errors import InputError
 from meddinov3_nnunet.models.checkpoints import CheckpointError, SizeMismatchError, load_into, read_checkpoint
@@ -64,14 +67,14 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
         self.apply_budget(notes)
         self.initial_lr = self.recipe.decoder_lr
         self.weight_decay = self.recipe.weight_decay
-        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
-            # bf16 autocast needs no loss scaling; nnU-Net's autocast(...) calls pick this dtype up
-            torch.set_autocast_dtype("cuda", torch.bfloat16)
-            self.grad_scaler = None
+        # MEDDINOV3_AMP: the network autocasts each forward itself (no process-wide autocast dtype)
+        self.precision = precision.resolve(self.device.type)
+        self.grad_scaler = torch.amp.GradScaler(self.device.type) if self.precision.needs_grad_scaler else None
         self.print_to_log_file(
             f"{type(self).__name__}: encoder {self.encoder_preset} ({self.encoder_flavour} flavour), "
             f"{'multi-scale ' + str(self.tap_blocks or 'quarter-depth') if self.multiscale else 'single-scale'} "
             f"decoder; {self.recipe}")
+        self.print_to_log_file(self.precision.describe(), also_print_to_console=False)
 
     # -- plans ------------------------------------------------------------------------------------
     @classmethod
@@ -104,7 +107,12 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> MedDINOv3Net:
-        return cls.build_plain_network(num_input_channels, num_output_channels)
+        network = cls.build_plain_network(num_input_channels, num_output_channels)
+        # also what nnUNetv2_predict gets: it rebuilds the network through this method
+        network.autocast_dtypes = precision.autocast_dtypes()
+        print(f"{cls.__name__}: " + "; ".join(precision.resolve(device_type).describe()
+                                               for device_type in network.autocast_dtypes))
+        return network
 
     @classmethod
     def build_plain_network(cls, num_input_channels: int, num_output_channels: int) -> MedDINOv3Net:
@@ -209,7 +217,7 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
             self.load_encoder_weights()
         super().on_train_start()
 
-    # -- training step: configurable clipping, bf16/fp16 autocast on CUDA, fp32 elsewhere ----------
+    # -- training step: configurable clipping; autocast (MEDDINOV3_AMP) happens inside the network -------
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
         # MEDDINOV3_CHECK_INPUT=1 refuses non-finite batches. Off by default: nnU-Net's preprocessing gives finite
@@ -221,8 +229,7 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
                 f"output NaN; check those images and run nnU-Net's preprocessing again"))
         target = batch["target"].to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda") if self.device.type == "cuda" else dummy_context():
-            loss = self.loss(self.network(data), target)
+        loss = self.loss(self.network(data), target)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)

@@ -9,6 +9,12 @@ Initialisation as the official ``Primus_Multiscale`` (ricklisz/MedDINOv3, ``dino
 applies dynamic_network_architectures' ``InitWeights_He(1e-2)`` to its whole up-projection: every (transposed)
 convolution gets Kaiming-normal weights (negative slope 0.01, fan-in) and zero biases; the LayerNorms keep
 PyTorch's ones / zeros.
+
+A 2x2 stride-2 transposed convolution is one matrix product per pixel followed by a pixel shuffle, so the
+stages compute it that way on channels-last tensors: same parameters and state dict as the convolution
+modules, but a GEMM instead of PyTorch's transposed-convolution kernels (several times slower on small maps)
+and the channel LayerNorm on contiguous channels. Stages hand each other NCHW-shaped views of channels-last
+memory, so no layout copies happen between them.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import torch
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from timm.layers import LayerNorm2d
 from torch import nn
+from torch.nn import functional as F
 
 
 class UpsampleStage(nn.Sequential):
@@ -27,6 +34,18 @@ class UpsampleStage(nn.Sequential):
             LayerNorm2d(out_channels),
             nn.GELU(),
         )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, h, w) -> (B, C_out, 2h, 2w), returned as a view of channels-last memory."""
+        conv, norm, act = self
+        b, _, h, w = x.shape
+        c_out = conv.out_channels
+        # weight (C_in, C_out, 2, 2) -> (C_in, C_out * 4) is a view; output columns are ordered (c_out, ky, kx)
+        bias = None if conv.bias is None else conv.bias.repeat_interleave(4)
+        y = F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1).t(), bias)
+        y = y.reshape(b, h, w, c_out, 2, 2).permute(0, 1, 4, 2, 5, 3).reshape(b, 2 * h, 2 * w, c_out)
+        y = act(F.layer_norm(y, norm.normalized_shape, norm.weight, norm.bias, norm.eps))
+        return y.permute(0, 3, 1, 2)
 
 
 class TokenAggregationDecoder(nn.Module):
@@ -48,4 +67,6 @@ class TokenAggregationDecoder(nn.Module):
         self.apply(InitWeights_He(1e-2))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(self.stages(features))
+        x = self.stages(features).permute(0, 2, 3, 1)  # channels-last, contiguous
+        logits = F.linear(x, self.head.weight.flatten(1), self.head.bias)  # the 1x1 head as a matrix product
+        return logits.permute(0, 3, 1, 2).contiguous()

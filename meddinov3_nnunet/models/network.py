@@ -90,9 +90,11 @@ class MedDINOv3Net(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        features = self.encoder.get_intermediate_layers(self.channel_adapter(x), n=self.tap_blocks,
-                                                        reshape=True, norm=True)
-        return self.decoder(torch.cat(features, dim=1))
+        tokens = self.encoder.get_intermediate_layers(self.channel_adapter(x), n=self.tap_blocks, norm=True)
+        grid = (x.shape[0], x.shape[-2] // self.encoder.patch_size, x.shape[-1] // self.encoder.patch_size, -1)
+        # concatenated channels-last (B, h, w, taps * D), handed to the decoder as an NCHW view without a copy
+        features = torch.cat([t.reshape(grid) for t in tokens], dim=-1)
+        return self.decoder(features.permute(0, 3, 1, 2))
 
     def encoder_parameters(self):
         return self.encoder.parameters()
