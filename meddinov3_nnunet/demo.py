@@ -151,12 +151,12 @@ def save_overlay(image_path: Path, label_path: Path, prediction_path: Path, out_
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    import SimpleITK as sitk
     from matplotlib.colors import ListedColormap
 
-    image = sitk.GetArrayFromImage(sitk.ReadImage(str(image_path)))
-    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
-    prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction_path)))
+    from meddinov3_nnunet.volume_io import read_volume
+
+    image, truth, prediction = (read_volume(path, allow_2d=True).array
+                                for path in (image_path, label_path, prediction_path))
     z = int(np.argmax((truth > 0).reshape(truth.shape[0], -1).sum(1)))
     colours = ListedColormap([(0, 0, 0, 0), (1, 0.2, 0.2, 0.55), (0.2, 0.6, 1, 0.55), (0.3, 1, 0.3, 0.55),
                               (1, 1, 0.2, 0.55), (1, 0.4, 1, 0.55)])
@@ -205,8 +205,13 @@ def run(args: argparse.Namespace) -> int:
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
+    from meddinov3_nnunet.volume_io import verify_file
+
     meta = json.loads((raw / name / "dataset.json").read_text())
     labels = {n: v for n, v in meta["labels"].items() if isinstance(v, int) and v > 0}
+    for folder in (test_labels, predictions):  # nnU-Net's reader would score a cut file as zeros
+        for path in sorted(folder.glob(f"*{meta['file_ending']}")):
+            verify_file(path)
     summary = compute_metrics_on_folder(str(test_labels), str(predictions), str(workdir / "summary.json"), SimpleITKIO(),
                                         meta["file_ending"], list(labels.values()), num_processes=1, chill=False)
     print("\n[evaluate] Dice on the held-out cases")
