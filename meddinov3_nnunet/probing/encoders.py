@@ -40,16 +40,16 @@ def open_encoder(spec: str) -> tuple[DINOv3Encoder, str]:
     return load_encoder(spec).eval(), Path(spec).name
 
 
-def read_normalised(path: str | Path, modality: str = "auto") -> tuple[np.ndarray, np.ndarray, str]:
-    """(raw (Z, H, W), normalised float32 (Z, H, W), modality) of a volume in LPS (axial slices along axis 0),
-    normalised as the pretraining corpus does: CT window [-1000, 1000] HU and z-score (65.108, 178.017), MRI
-    clipped to its 0.5/99.5 percentiles and z-scored per volume."""
+def read_normalised(path: str | Path, modality: str = "auto") -> tuple[np.ndarray, str]:
+    """(normalised float32 (Z, H, W), modality) of a volume in LPS (axial slices along axis 0), normalised as the
+    pretraining corpus does: CT window [-1000, 1000] HU and z-score (65.108, 178.017), MRI clipped to its 0.5/99.5
+    percentiles and z-scored per volume. ``modality`` 'auto' applies the corpus's guess."""
     raw = read_volume(path, orient_lps=True).array
     modality = guess_modality(raw) if modality == "auto" else modality
     norm = volume_normalisation(raw, modality, asdict(CorpusConfig()))
     if norm is None:
         raise InputError(f"{path}: constant volume (no intensity variation); nothing to show or probe")
-    return raw, normalise_slice(raw, norm), modality
+    return normalise_slice(raw, norm), modality
 
 
 def resolve_blocks(encoder: DINOv3Encoder, blocks: Sequence[int] | None) -> list[int]:

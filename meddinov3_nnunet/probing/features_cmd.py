@@ -101,10 +101,9 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.output).name.lower().endswith(".png"):
         raise InputError(f"-o {args.output}: the picture is written as PNG; name it *.png")
     encoder, label = open_encoder(args.checkpoint)
-    _, normalised, modality = read_normalised(args.volume, args.modality)
+    normalised, modality = read_normalised(args.volume, args.modality)
     indices = choose_slices(len(normalised), args.slice, args.slices)
     picture = feature_picture(encoder, normalised, indices, args.block, args.size)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.output) as tmp:
         plt.imsave(tmp, picture, format="png")
     print(f"{args.output}: {picture.shape[1]}x{picture.shape[0]} px, slices {indices} of {len(normalised)} "

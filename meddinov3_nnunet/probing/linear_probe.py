@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -30,9 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from meddinov3_nnunet.errors import InputError
-from meddinov3_nnunet.pretraining.config import CorpusConfig
 from meddinov3_nnunet.pretraining.corpus import _nnunet_modality as nnunet_modality
-from meddinov3_nnunet.pretraining.volumes import normalise_slice, volume_normalisation
+from meddinov3_nnunet.probing.encoders import read_normalised, resolve_blocks, token_maps
 from meddinov3_nnunet.volume_io import read_volume
 
 # slices (Z, H, W) -> per slice a feature map (D, H, W) at the slice's own pixels
@@ -61,17 +60,13 @@ def load_dataset(folder: str | Path, max_cases: int | None = None) -> ProbeData:
     if len(names) < 2:
         raise InputError(f"{folder / 'labelsTr'}: {len(names)} label maps ({ending}); the probe needs at least two "
                          f"cases (one to train, one to test)")
-    settings = asdict(CorpusConfig())
     cases = {}
     for name in names:
-        image = read_volume(folder / "imagesTr" / f"{name}_0000{ending}", orient_lps=True).array
+        image, _ = read_normalised(folder / "imagesTr" / f"{name}_0000{ending}", modality)
         label = read_volume(folder / "labelsTr" / f"{name}{ending}", orient_lps=True).array
         if image.shape != label.shape:
             raise InputError(f"{folder}: case {name}: image {image.shape} and label map {label.shape} differ")
-        norm = volume_normalisation(image, modality, settings)
-        if norm is None:
-            raise InputError(f"{folder / 'imagesTr'}: case {name} is a constant image; remove it or fix the file")
-        cases[name] = (normalise_slice(image, norm), label.astype(np.uint8))
+        cases[name] = (image, label.astype(np.uint8))
     return ProbeData(cases, labels, modality)
 
 
@@ -87,8 +82,6 @@ def split_cases(cases: Sequence[str], test_cases: Sequence[str] | None = None) -
 
 
 def encoder_featuriser(encoder, size: int, blocks: Sequence[int] | None = None, batch: int = 64) -> Featuriser:
-    from meddinov3_nnunet.probing.encoders import resolve_blocks, token_maps
-
     taps = resolve_blocks(encoder, blocks)
 
     def featurise(slices: np.ndarray) -> list[torch.Tensor]:
