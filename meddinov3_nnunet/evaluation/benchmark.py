@@ -138,6 +138,9 @@ class Benchmark:
         env = self.base_env()
         configurations = sorted({r.configuration for r in self.rows})
         stock = [c for c in configurations if c in ("2d", "3d_fullres", "3d_lowres")]
+        derived_3d = [c for c in configurations if c.startswith("3d_") and c not in ("3d_fullres", "3d_lowres")]
+        if derived_3d and "3d_fullres" not in stock:  # `plan` derives 3d_meddinov3 from 3d_fullres
+            stock.append("3d_fullres")
         plans_file = self.preprocessed / "nnUNetPlans.json"
         missing = [c for c in stock if not (self.preprocessed / f"nnUNetPlans_{c}").is_dir()]
         if not plans_file.is_file() or missing:
@@ -146,8 +149,10 @@ class Benchmark:
         for configuration in configurations:
             plans = json.loads(plans_file.read_text())
             if configuration not in plans["configurations"]:
+                # a 3D one (3d_X) comes with its 2D sibling (2d_X) from the same `plan` run
+                name = "2d_" + configuration[3:] if configuration in derived_3d else configuration
                 self._run([sys.executable, "-m", "meddinov3_nnunet.cli", "plan", "-d", self.dataset, "-c",
-                           configuration, "--preset", self.preset.get("plan_preset", "default")], env, log_file)
+                           name, "--preset", self.preset.get("plan_preset", "default")], env, log_file)
         ensure_default_splits(self.preprocessed)
 
     # -- one row / fold -------------------------------------------------------------------------
