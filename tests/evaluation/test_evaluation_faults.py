@@ -79,6 +79,17 @@ def test_uncompressed_nifti_short_of_its_header_voxel_count(tmp_path):
         verify_file(path)
 
 
+def test_complete_gzip_of_a_cut_nifti(tmp_path):
+    """A whole gzip stream around a NIfTI that was cut before it was compressed: the voxel count catches it."""
+    import gzip
+
+    path = tmp_path / "v.nii"
+    write(path, np.ones((10, 20, 20), np.int16))
+    (tmp_path / "v.nii.gz").write_bytes(gzip.compress(path.read_bytes()[:5000]))
+    with pytest.raises(VolumeError, match=r"v\.nii\.gz: truncated: the header declares 4000 voxels .* holds 5000 bytes"):
+        read_volume(tmp_path / "v.nii.gz")
+
+
 def test_damaged_gzip_crc(tmp_path):
     path = tmp_path / "v.nii.gz"
     write(path, (np.arange(4000) % 97).reshape(10, 20, 20).astype(np.int16))
