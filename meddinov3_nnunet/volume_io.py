@@ -16,6 +16,7 @@ caller passes ``allow_2d=True``; then they come back as a 1-slice volume.
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import zlib
 from dataclasses import dataclass
@@ -61,13 +62,18 @@ def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith((".nii", ".nii.gz"))
 
 
-def _nifti_expected_size(path: Path) -> tuple[int, tuple[int, ...]]:
-    """(bytes the header declares up to the last voxel, data shape), from the header only."""
+def _nifti_expected_size(path: Path, compressed: bool) -> tuple[int, tuple[int, ...]]:
+    """(bytes the header declares up to the last voxel, data shape), from the header only (NIfTI-1 or -2; gzip
+    by content, not by name, as SimpleITK does)."""
     import nibabel
 
-    image = nibabel.load(str(path))  # reads the header only; the data stays on disk
-    shape = tuple(int(s) for s in image.header.get_data_shape())
-    return int(image.dataobj.offset) + int(np.prod(shape)) * image.header.get_data_dtype().itemsize, shape
+    with (gzip.open(path, "rb") if compressed else open(path, "rb")) as handle:
+        raw = handle.read(540)
+    sizes = {int.from_bytes(raw[:4], order) for order in ("little", "big")}
+    header_class = nibabel.Nifti2Header if 540 in sizes else nibabel.Nifti1Header
+    header = header_class.from_fileobj(io.BytesIO(raw))
+    shape = tuple(int(s) for s in header.get_data_shape())
+    return int(header.get_data_offset()) + int(np.prod(shape)) * header.get_data_dtype().itemsize, shape
 
 
 def verify_file(path: str | os.PathLike) -> None:
@@ -91,7 +97,7 @@ def verify_file(path: str | os.PathLike) -> None:
             raise VolumeError(f"{path}: damaged gzip data ({err}); write or copy it again") from None
     if _is_nifti(path):
         try:
-            expected, shape = _nifti_expected_size(path)
+            expected, shape = _nifti_expected_size(path, compressed)
         except Exception as err:  # nibabel raises several types for a damaged header
             raise VolumeError(f"{path}: not a readable NIfTI header ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''})") from None

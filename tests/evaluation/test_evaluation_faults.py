@@ -90,6 +90,13 @@ def test_complete_gzip_of_a_cut_nifti(tmp_path):
         read_volume(tmp_path / "v.nii.gz")
 
 
+def test_an_uncompressed_file_named_nii_gz_still_reads(tmp_path):
+    """Compression is told by content, as SimpleITK does: a plain NIfTI named .nii.gz is complete and reads."""
+    write(tmp_path / "v.nii", np.arange(4000, dtype=np.int16).reshape(10, 20, 20))
+    (tmp_path / "v.nii").rename(tmp_path / "plain.nii.gz")
+    assert read_volume(tmp_path / "plain.nii.gz").array[9, 19, 19] == 3999
+
+
 def test_damaged_gzip_crc(tmp_path):
     path = tmp_path / "v.nii.gz"
     write(path, (np.arange(4000) % 97).reshape(10, 20, 20).astype(np.int16))
