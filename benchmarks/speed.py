@@ -1,15 +1,17 @@
 """Training-step throughput and peak memory: MedDINOv3 (ViT-S/B + multi-scale decoder) vs nnU-Net's 2D U-Net.
 
-    python benchmarks/speed.py                      # CPU, 224^2 and 512^2, batch 2
-    python benchmarks/speed.py --device cuda --batch-size 16
+    python benchmarks/speed.py                      # CPU, 224^2 and 512^2, batch 2, fp32 and bf16 rows
+    python benchmarks/speed.py --device cuda --batch-size 16 --precisions bf16
 
-One training step = forward + Dice/CE-like loss + backward + AdamW step, float32 on the CPU, bf16 autocast on
-CUDA. Each row runs in its own subprocess so that the CPU peak (max RSS) belongs to that row alone.
+One training step = forward + cross-entropy + backward + AdamW step, in fp32 or under bf16 autocast (the same
+context for every model; bf16 on a CPU pays where it has native bf16, see MEDDINOV3_AMP in the README). Each row
+runs in its own subprocess so that the CPU peak (max RSS) belongs to that row alone.
 Prints a Markdown table; numbers are for the machine it runs on.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -34,7 +36,7 @@ def nnunet_2d_unet(size: int, num_classes: int):
                          nonlin_kwargs={"inplace": True}, deep_supervision=True)
 
 
-def measure(model_name: str, size: int, batch: int, steps: int, device: str, threads: int) -> dict:
+def measure(model_name: str, size: int, batch: int, steps: int, device: str, threads: int, precision: str) -> dict:
     import resource
 
     import torch
@@ -55,7 +57,7 @@ def measure(model_name: str, size: int, batch: int, steps: int, device: str, thr
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model(x)
             outputs = out if isinstance(out, (list, tuple)) else [out]
             loss = torch.nn.functional.cross_entropy(outputs[0].float(), y)
@@ -86,11 +88,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--_one", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._one:
         print(json.dumps(measure(args._one[0], int(args._one[1]), args.batch_size, args.steps, args.device,
-                                 args.threads)))
+                                 args.threads, args._one[2])))
         return 0
 
     import platform
@@ -99,21 +102,22 @@ def main() -> int:
 
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads ({platform.processor() or platform.machine()})"
     print(f"Training step (fwd + bwd + AdamW), batch {args.batch_size}, 1 input channel, 14 classes, {where}, "
-          f"torch {torch.__version__}, {'bf16 autocast' if args.device == 'cuda' else 'fp32'}\n")
-    print("| model | input | parameters | s / step | slices / s | peak memory (MiB) |")
-    print("|---|---|---|---|---|---|")
-    for size in args.sizes:
-        for label, name in ROWS:
-            command = [sys.executable, __file__, "--_one", name, str(size), "--batch-size", str(args.batch_size),
-                       "--steps", str(args.steps), "--device", args.device, "--threads", str(args.threads)]
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode != 0:
-                print(f"| {label} | {size}² | failed: {result.stderr.strip().splitlines()[-1]} | | | |")
-                continue
-            row = json.loads(result.stdout.strip().splitlines()[-1])
-            memory_kind = "GPU max allocated" if args.device == "cuda" else "max RSS"
-            print(f"| {label} | {size}² | {row['parameters'] / 1e6:.1f} M | {row['seconds_per_step']:.2f} | "
-                  f"{row['slices_per_second']:.2f} | {row['peak_mib']:.0f} ({memory_kind}) |", flush=True)
+          f"torch {torch.__version__}\n")
+    print("| model | input | precision | parameters | s / step | slices / s | peak memory (MiB) |")
+    print("|---|---|---|---|---|---|---|")
+    for size, (label, name), precision in itertools.product(args.sizes, ROWS, args.precisions):
+        command = [sys.executable, __file__, "--_one", name, str(size), precision, "--batch-size",
+                   str(args.batch_size), "--steps", str(args.steps), "--device", args.device, "--threads",
+                   str(args.threads)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            print(f"| {label} | {size}² | {precision} | failed: {result.stderr.strip().splitlines()[-1]} | | | |")
+            continue
+        row = json.loads(result.stdout.strip().splitlines()[-1])
+        memory_kind = "GPU max allocated" if args.device == "cuda" else "max RSS"
+        print(f"| {label} | {size}² | {precision} | {row['parameters'] / 1e6:.1f} M | "
+              f"{row['seconds_per_step']:.2f} | {row['slices_per_second']:.2f} | {row['peak_mib']:.0f} "
+              f"({memory_kind}) |", flush=True)
     return 0
 
 

@@ -128,6 +128,14 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
         network = self.network.module if isinstance(self.network, DistributedDataParallel) else self.network
         return network._orig_mod if isinstance(network, OptimizedModule) else network
 
+    def _do_i_compile(self) -> bool:
+        """nnU-Net never compiles on the CPU (its 2D U-Net crashed there). This network compiles, so an explicit
+        ``nnUNet_compile=1`` is honoured on the CPU as well; unset, the CPU stays eager (compiling takes minutes
+        there and does not pay for short runs) and CUDA follows nnU-Net (compiled by default)."""
+        if self.device.type == "cpu" and os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t"):
+            return True
+        return super()._do_i_compile()
+
     def configure_optimizers(self):
         optimizer = build_optimizer(self._plain_network(), self.recipe)
         return optimizer, WarmupLinearDecay(optimizer, self.num_epochs, self.recipe.warmup_epochs)
