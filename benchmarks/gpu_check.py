@@ -17,7 +17,6 @@ Sections (a failing section is reported and the run goes on; exit 1 if any faile
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -128,7 +127,7 @@ def nnunet_smoke_section(device: torch.device, workdir: Path, dry_run: bool) -> 
         if sitk.ReadImage(str(prediction)).GetSize() != image.GetSize():
             raise RuntimeError(f"{prediction.name} does not have the input's size")
     return lines + ["", f"- train losses per epoch: {', '.join(f'{loss:.4f}' for loss in losses)} (finite)",
-                    f"- 2 predictions written with the inputs' size"] + [f"- {line}" for line in precision_lines]
+                    "- 2 predictions written with the inputs' size"] + [f"- {line}" for line in precision_lines]
 
 
 # -- 3: ViT-B training step at 896² ---------------------------------------------------------------------------
@@ -240,6 +239,7 @@ def ddp_section(device: torch.device, workdir: Path) -> list[str]:
 
     ranks = 2 if device.type == "cpu" or torch.cuda.device_count() >= 2 else 1
     rng = np.random.default_rng(0)
+    (workdir / "ct").mkdir(parents=True)
     for index in range(4):
         volume = np.full((4, 40, 48), -1000.0)
         volume[:, 8:32, 8:40] = 40 + 30 * rng.standard_normal((4, 24, 32))

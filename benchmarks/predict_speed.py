@@ -7,10 +7,12 @@
 Each row is ``TRAINER:CONFIGURATION[:OPTION...]``; options for the plugin's trainers: a MEDDINOV3_AMP value
 (auto, bf16, fp16, off) and ``conv`` (the decoder through PyTorch's transposed convolutions, for an A/B). The script
 plans a few shared Hippocampus cases with stock nnU-Net (fingerprint + plans, no preprocessing) and
-``meddinov3-nnunet plan --preset cpu`` (configuration 2d_meddinov3) in a temporary folder, builds every row's network through its trainer class with a fixed random initialisation, and predicts
-real cases with nnU-Net's own `nnUNetPredictor.predict_single_npy_array` (preprocessing, sliding window with
-Gaussian weighting and mirroring, resampling back) on the CPU. Rows are interleaved over rounds; the table gives
-the median s/case with its min-max, and the share of the time spent in network forwards.
+``meddinov3-nnunet plan --preset cpu`` (configuration 2d_meddinov3) in a temporary folder, builds every row's
+network through its trainer class with a fixed random initialisation, and predicts real cases with nnU-Net's
+own `nnUNetPredictor.predict_single_npy_array` (preprocessing, sliding window with Gaussian weighting and
+mirroring, resampling back) on the CPU. Rows are interleaved over rounds; the table gives the median s/case with
+its min-max, and the share of the time spent in network forwards. ``--forward-only N`` times batch-1 forwards at
+each row's patch size instead (the unit the predictor calls once per tile and mirror).
 """
 from __future__ import annotations
 
