@@ -1,0 +1,98 @@
+"""Through stock nnU-Net on the CPU: bf16 training + prediction (MEDDINOV3_AMP) and nnUNet_compile=1 with the trainer
+(compiled network, encoder weights into `_orig_mod`, checkpoint save / load)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_workspace import Workspace, hippocampus_subset, parse_train_losses
+
+CONFIG, SMOKE = "2d_meddinov3", "MedDINOv3Trainer_smoke"
+BUDGET = dict(MEDDINOV3_NUM_EPOCHS=2, MEDDINOV3_ITERS_PER_EPOCH=3, MEDDINOV3_VAL_ITERS=1)
+
+
+@pytest.fixture(scope="module")
+def planned(shared_dir, tmp_path_factory):
+    workspace = Workspace(tmp_path_factory.mktemp("amp"))
+    workspace.identifiers = hippocampus_subset(shared_dir, workspace, count=6)
+    workspace.run("nnUNetv2_plan_and_preprocess", "-d", 4, "-c", "2d", "-np", 1)
+    workspace.cli("plan", "-d", 4, "--preset", "cpu", "-np", 1)
+    return workspace
+
+
+@pytest.mark.slow
+def test_bf16_training_and_prediction_through_stock_nnunet(planned, shared_dir):
+    train = planned.run("nnUNetv2_train", 4, CONFIG, 0, "-tr", SMOKE, "-device", "cpu", MEDDINOV3_AMP="bf16",
+                        **BUDGET)
+    losses = parse_train_losses(train.stdout)
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    model = planned.results / "Dataset004_Hippocampus" / f"{SMOKE}__nnUNetPlans__{CONFIG}"
+    log = next((model / "fold_0").glob("training_log_*.txt")).read_text()
+    assert "precision on cpu: bf16 autocast (MEDDINOV3_AMP=bf16)" in log
+
+    held_out = planned.root / "held_out"
+    held_out.mkdir()
+    source = shared_dir / "datasets" / "Dataset004_Hippocampus" / "imagesTr"
+    for identifier in planned.identifiers[6:8]:
+        (held_out / f"{identifier}_0000.nii.gz").symlink_to(source / f"{identifier}_0000.nii.gz")
+    outputs = {}
+    for amp in ("bf16", "off"):
+        outputs[amp] = planned.root / f"predicted_{amp}"
+        result = planned.run("nnUNetv2_predict", "-i", held_out, "-o", outputs[amp], "-d", 4, "-c", CONFIG, "-f", 0,
+                             "-tr", SMOKE, "-device", "cpu", MEDDINOV3_AMP=amp)
+        expected = "bf16 autocast (MEDDINOV3_AMP=bf16)" if amp == "bf16" else "fp32 (no autocast) (MEDDINOV3_AMP=off)"
+        assert f"precision on cpu: {expected}" in result.stdout
+    for name in sorted(p.name for p in outputs["off"].glob("*.nii.gz")):
+        fp32, bf16 = (sitk.ReadImage(str(outputs[amp] / name)) for amp in ("off", "bf16"))
+        assert bf16.GetPixelIDTypeAsString() == fp32.GetPixelIDTypeAsString()  # saved dtype unchanged
+        assert bf16.GetSize() == fp32.GetSize() and bf16.GetSpacing() == fp32.GetSpacing()
+        agreement = np.mean(sitk.GetArrayFromImage(bf16) == sitk.GetArrayFromImage(fp32))
+        assert agreement > 0.95, f"{name}: bf16 and fp32 label maps agree on only {agreement:.1%} of voxels"
+
+
+@pytest.mark.slow
+def test_compiled_trainer_loads_encoder_weights_and_round_trips_checkpoints(planned, monkeypatch, tmp_path):
+    """nnUNet_compile=1: the trainer compiles its network (aot_eager here, to keep the CPU test short; inductor
+    adds code generation only), loads encoder weights through `_orig_mod`, trains, saves and reloads."""
+    from torch._dynamo import OptimizedModule
+
+    import meddinov3_nnunet.trainers as trainers
+    from meddinov3_nnunet.models.checkpoints import save_encoder
+    from meddinov3_nnunet.models.encoder import build_encoder
+
+    torch.manual_seed(3)
+    encoder = build_encoder("vit_tiny16")
+    save_encoder(encoder, tmp_path / "encoder.pth")
+    for key, value in planned.env(nnUNet_compile="1", MEDDINOV3_WEIGHTS=tmp_path / "encoder.pth").items():
+        monkeypatch.setenv(key, value)
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="aot_eager", **kw))
+    base = planned.preprocessed / "Dataset004_Hippocampus"
+    dataset_json = json.loads((base / "dataset.json").read_text())
+
+    def trainer(fold):
+        plans = json.loads((base / "nnUNetPlans.json").read_text())
+        plans["continue_training"] = False  # what nnU-Net's run_training sets
+        instance = getattr(trainers, SMOKE)(plans, CONFIG, fold, dataset_json, device=torch.device("cpu"))
+        instance.initialize()
+        return instance
+
+    first = trainer(4)
+    assert isinstance(first.network, OptimizedModule)
+    first.load_encoder_weights()
+    loaded = first.network._orig_mod.encoder.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in encoder.state_dict().items())
+    batch = {"data": torch.randn(2, 1, *first.configuration_manager.patch_size),
+             "target": torch.randint(0, 3, (2, 1, *first.configuration_manager.patch_size)).float()}
+    assert math.isfinite(float(first.train_step(batch)["loss"]))
+    first.save_checkpoint(str(tmp_path / "checkpoint.pth"))
+    saved = torch.load(tmp_path / "checkpoint.pth", map_location="cpu", weights_only=False)["network_weights"]
+    assert not any(k.startswith("_orig_mod") for k in saved)
+
+    second = trainer(4)
+    second.load_checkpoint(str(tmp_path / "checkpoint.pth"))
+    reloaded = second.network._orig_mod.state_dict()
+    assert all(torch.equal(reloaded[k], v) for k, v in first.network._orig_mod.state_dict().items())
