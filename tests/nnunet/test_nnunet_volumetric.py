@@ -1,0 +1,149 @@
+"""The 3D (2.5D, slice mixing), patch-8 and projected-decoder trainers through stock nnU-Net on 10 real Hippocampus
+cases: plan (2d_meddinov3 + 3d_meddinov3), train, predict with nnU-Net's sliding window, resume, validate, and the
+2D/3D mismatch messages."""
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_workspace import Workspace, hippocampus_subset, parse_train_losses
+
+SMOKE = "MedDINOv3Trainer_3d_smoke"
+BUDGET = dict(MEDDINOV3_NUM_EPOCHS=1, MEDDINOV3_ITERS_PER_EPOCH=2, MEDDINOV3_VAL_ITERS=1, MEDDINOV3_BATCH_SIZE=2)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workspace(shared_dir, tmp_path_factory):
+    workspace = Workspace(tmp_path_factory.mktemp("hippocampus3d"))
+    identifiers = hippocampus_subset(shared_dir, workspace, count=10)
+    workspace.run("nnUNetv2_plan_and_preprocess", "-d", 4, "-c", "2d", "3d_fullres", "-np", 1, 1)
+    workspace.plan_output = workspace.cli("plan", "-d", 4, "--preset", "cpu", "-np", 1).stdout
+    held_out = workspace.root / "held_out"
+    held_out.mkdir()
+    source = shared_dir / "datasets" / "Dataset004_Hippocampus"
+    name = f"{identifiers[10]}_0000.nii.gz"  # never seen in training
+    (held_out / name).symlink_to(source / "imagesTr" / name)
+    workspace.held_out = held_out
+    return workspace
+
+
+def model_folder(workspace, trainer, configuration):
+    return workspace.results / "Dataset004_Hippocampus" / f"{trainer}__nnUNetPlans__{configuration}"
+
+
+def predict_and_check(workspace, trainer, configuration, out_name):
+    out = workspace.root / out_name
+    workspace.run("nnUNetv2_predict", "-i", workspace.held_out, "-o", out, "-d", 4, "-c", configuration, "-f", 0,
+                  "-tr", trainer, "-device", "cpu", "--disable_tta")
+    (image_file,) = workspace.held_out.glob("*.nii.gz")
+    prediction = sitk.ReadImage(str(out / image_file.name.replace("_0000.nii.gz", ".nii.gz")))
+    assert prediction.GetSize() == sitk.ReadImage(str(image_file)).GetSize()
+    assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1, 2}
+
+
+def test_plan_adds_a_3d_configuration_next_to_2d_meddinov3(workspace):
+    plans = json.loads((workspace.preprocessed / "Dataset004_Hippocampus" / "nnUNetPlans.json").read_text())
+    config = plans["configurations"]["3d_meddinov3"]
+    assert config["inherits_from"] == "3d_fullres"
+    assert plans["configurations"]["3d_fullres"]["patch_size"] == [40, 56, 40]
+    assert config["patch_size"] == [40, 112, 80] and config["spacing"] == [1.0, 0.5, 0.5] and config["batch_size"] == 2
+    assert (workspace.preprocessed / "Dataset004_Hippocampus" / "nnUNetPlans_3d_meddinov3").is_dir()
+    assert "'3d_meddinov3'" in workspace.plan_output and "-tr MedDINOv3Trainer_3d" in workspace.plan_output
+
+
+def test_3d_smoke_trainer_trains_on_3d_fullres_and_predicts_with_the_3d_sliding_window(workspace):
+    train = workspace.run("nnUNetv2_train", 4, "3d_fullres", 0, "-tr", SMOKE, "-device", "cpu")
+    folder = model_folder(workspace, SMOKE, "3d_fullres")
+    for name in ("checkpoint_final.pth", "validation/summary.json"):
+        assert (folder / "fold_0" / name).is_file(), name
+    assert json.loads((folder / "plans.json").read_text())["configurations"]["3d_fullres"]["patch_size"] == [40, 64, 48]
+    assert "patch size [40, 56, 40] rounded up to [40, 64, 48]" in train.stdout
+    losses = parse_train_losses(train.stdout)
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    predict_and_check(workspace, SMOKE, "3d_fullres", "pred_smoke")
+
+
+def test_3d_trainer_resumes_with_c_and_validates_with_val(workspace):
+    first = workspace.run("nnUNetv2_train", 4, "3d_fullres", 1, "-tr", SMOKE, "-device", "cpu",
+                          MEDDINOV3_NUM_EPOCHS=1, MEDDINOV3_ITERS_PER_EPOCH=2)
+    resumed = workspace.run("nnUNetv2_train", 4, "3d_fullres", 1, "-tr", SMOKE, "-device", "cpu", "--c",
+                            MEDDINOV3_NUM_EPOCHS=2, MEDDINOV3_ITERS_PER_EPOCH=2, MEDDINOV3_WEIGHTS="/does/not/exist")
+    assert "Epoch 0" in first.stdout and "Epoch 1" not in first.stdout
+    assert "Epoch 1" in resumed.stdout and "Epoch 0" not in resumed.stdout and "encoder:" not in resumed.stdout
+    checkpoint = torch.load(model_folder(workspace, SMOKE, "3d_fullres") / "fold_1" / "checkpoint_final.pth",
+                            map_location="cpu", weights_only=False)
+    assert checkpoint["current_epoch"] == 2
+    validation = workspace.run("nnUNetv2_train", 4, "3d_fullres", 1, "-tr", SMOKE, "-device", "cpu", "--val")
+    assert "Mean Validation Dice" in validation.stdout and "Epoch" not in validation.stdout
+
+
+@pytest.mark.parametrize("trainer, configuration", [
+    ("MedDINOv3Trainer_S_25d_scratch", "3d_fullres"),
+    ("MedDINOv3Trainer_S_slicemix_scratch", "3d_fullres"),
+    ("MedDINOv3Trainer_S_3d_scratch", "3d_fullres"),
+    (SMOKE, "3d_meddinov3"),
+    ("MedDINOv3Trainer_S_patch8_scratch", "2d"),
+    ("MedDINOv3Trainer_S_proj_scratch", "2d"),
+    ("nnUNet_Primus_S_Trainer_budget", "3d_fullres"),  # nnU-Net's 3D ViT, the comparison row
+])
+def test_benchmark_trainer_trains_and_predicts_at_smoke_budget(workspace, trainer, configuration):
+    train = workspace.run("nnUNetv2_train", 4, configuration, 2, "-tr", trainer, "-device", "cpu", **BUDGET)
+    assert "budget: 1 epochs x 2 iterations" in train.stdout
+    assert ("encoder: random initialisation" in train.stdout) == trainer.startswith("MedDINOv3")
+    folder = model_folder(workspace, trainer, configuration)
+    assert (folder / "fold_2" / "checkpoint_final.pth").is_file()
+    patch = json.loads((folder / "plans.json").read_text())["configurations"][configuration]["patch_size"]
+    expected = {"3d_fullres": [40, 64, 48], "3d_meddinov3": [40, 112, 80], "2d": [64, 48]}[configuration]
+    if "patch8" in trainer or "Primus" in trainer:  # in-plane multiples of 8: nnU-Net's patch as planned
+        expected = {"2d": [56, 40], "3d_fullres": [40, 56, 40]}[configuration]
+    assert patch == expected
+    out = workspace.root / f"pred_{trainer}_{configuration}"
+    workspace.run("nnUNetv2_predict", "-i", workspace.held_out, "-o", out, "-d", 4, "-c", configuration, "-f", 2,
+                  "-tr", trainer, "-device", "cpu", "--disable_tta")
+    assert len(list(out.glob("*.nii.gz"))) == 1
+
+
+@pytest.mark.parametrize("trainer, configuration, message", [
+    (SMOKE, "2d", "MedDINOv3Trainer_3d_smoke is a 3D method but configuration '2d' has a 2D patch size"),
+    ("MedDINOv3Trainer_smoke", "3d_fullres",
+     "MedDINOv3Trainer_smoke is a 2D method but configuration '3d_fullres' has a 3D patch size"),
+])
+def test_2d_and_3d_trainers_on_the_other_kind_of_configuration_get_one_clear_message(workspace, trainer,
+                                                                                     configuration, message):
+    result = workspace.run("nnUNetv2_train", 4, configuration, 0, "-tr", trainer, "-device", "cpu", check=False)
+    assert result.returncode != 0 and message in result.stdout + result.stderr
+    assert "Epoch 0" not in result.stdout
+
+
+def test_encoder_weights_load_unchanged_into_the_3d_and_patch8_trainers(workspace, monkeypatch, tmp_path):
+    import meddinov3_nnunet.trainers as trainers
+    from meddinov3_nnunet.models.checkpoints import save_encoder
+    from meddinov3_nnunet.models.encoder import build_encoder
+
+    torch.manual_seed(5)
+    encoder = build_encoder("vit_tiny16")
+    save_encoder(encoder, tmp_path / "tiny.pth")
+    for key, value in workspace.env(MEDDINOV3_WEIGHTS=tmp_path / "tiny.pth").items():
+        monkeypatch.setenv(key, value)
+    base = workspace.preprocessed / "Dataset004_Hippocampus"
+    dataset_json = json.loads((base / "dataset.json").read_text())
+
+    class Tiny3dPatch8(trainers.MedDINOv3Trainer_3d_smoke):
+        encoder_patch_size = 8
+
+    for trainer_class, name in ((trainers.MedDINOv3Trainer_3d_smoke, "3d"), (Tiny3dPatch8, "3d patch 8")):
+        plans = json.loads((base / "nnUNetPlans.json").read_text())
+        plans["continue_training"] = False  # what nnUNetv2_train's runner sets before building a trainer
+        trainer = trainer_class(plans, "3d_fullres", 3, dataset_json, device=torch.device("cpu"))
+        trainer.initialize()
+        trainer.load_encoder_weights()
+        loaded = trainer.network.encoder.state_dict()
+        same = [k for k, v in encoder.state_dict().items() if torch.equal(loaded[k], v)]
+        assert len(same) == len(loaded) - (name == "3d patch 8"), name  # only the patch embedding is resampled
+        log = open(trainer.log_file).read()
+        assert "(format meddinov3_nnunet, from environment variable MEDDINOV3_WEIGHTS" in log
+        assert ("resampled from patch 16 to 8" in log) == (name == "3d patch 8")
