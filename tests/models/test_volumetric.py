@@ -167,3 +167,15 @@ def test_projected_decoder_projects_taps_to_the_embedding_width():
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     assert count(net.decoder) < count(paper.decoder) / 4
     assert np.isclose(count(net.decoder.projection), 4 * 96 * 96 + 2 * 96)
+
+
+def test_3d_network_autocasts_itself_like_the_2d_one():
+    torch.manual_seed(0)
+    net = build_volumetric_network("vit_tiny16", in_channels=1, num_classes=2, mix_slices=True).eval()
+    x = torch.randn(1, 1, 3, 32, 16)
+    with torch.no_grad():
+        reference = net(x)
+        net.autocast_dtypes = {"cpu": torch.bfloat16}
+        low = net(x)
+    assert low.dtype == torch.float32 and not torch.equal(low, reference)
+    assert torch.allclose(low, reference, atol=0.1 * reference.abs().max().item())
