@@ -38,32 +38,19 @@ class ChannelAdapter(nn.Module):
         return self.projection(x)
 
 
-class MedDINOv3Net(nn.Module):
-    """Segmentation logits (B, num_classes, H, W) for images (B, in_channels, H, W), H and W multiples of 16.
+def checked_tap_blocks(tap_blocks: Sequence[int], depth: int) -> tuple[int, ...]:
+    """``tap_blocks`` as a tuple of ints; `ValueError` if one is not a block of a ``depth``-block encoder."""
+    tap_blocks = tuple(int(b) for b in tap_blocks)
+    if any(not 0 <= b < depth for b in tap_blocks):
+        raise ValueError(f"tap blocks {tap_blocks} out of range for a {depth}-block encoder")
+    return tap_blocks
 
-    ``tap_blocks`` are the encoder blocks whose normed patch tokens feed the decoder (default: the last
-    block of each quarter of the depth); ``multiscale=False`` uses the last block only (the ablation).
 
-    ``autocast_dtypes`` (a plain attribute, not in the state dict) maps a device type to the dtype each forward
-    autocasts to there (None: fp32, autocast off), whatever autocast context the caller has open; device types
-    not in it follow the caller. The logits are then returned in float32.
-    """
+class TokenSegmentationNet(nn.Module):
+    """What the 2D and 3D networks share: the autocast forward around ``_forward`` and the two parameter groups.
+    Subclasses set ``self.encoder`` and implement ``_forward``."""
 
     autocast_dtypes: dict[str, torch.dtype | None] | None = None
-
-    def __init__(self, encoder: DINOv3Encoder, in_channels: int, num_classes: int,
-                 multiscale: bool = True, tap_blocks: Sequence[int] | None = None):
-        super().__init__()
-        depth = encoder.arch.depth
-        if tap_blocks is None:
-            tap_blocks = default_tap_blocks(depth) if multiscale else (depth - 1,)
-        self.tap_blocks = tuple(int(b) for b in tap_blocks)
-        if any(not 0 <= b < depth for b in self.tap_blocks):
-            raise ValueError(f"tap blocks {self.tap_blocks} out of range for a {depth}-block encoder")
-        self.channel_adapter = ChannelAdapter(in_channels, encoder.arch.in_chans)
-        self.encoder = encoder
-        self.decoder = TokenAggregationDecoder(len(self.tap_blocks) * encoder.arch.embed_dim, num_classes,
-                                               encoder.arch.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtypes = self.autocast_dtypes or {}
@@ -72,6 +59,42 @@ class MedDINOv3Net(nn.Module):
         dtype = dtypes[x.device.type]
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
             return self._forward(x).float()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encoder_parameters(self):
+        return self.encoder.parameters()
+
+    def decoder_parameters(self):
+        """Everything trained at the decoder learning rate: every parameter outside the encoder."""
+        encoder_ids = {id(p) for p in self.encoder.parameters()}
+        return [p for p in self.parameters() if id(p) not in encoder_ids]
+
+
+class MedDINOv3Net(TokenSegmentationNet):
+    """Segmentation logits (B, num_classes, H, W) for images (B, in_channels, H, W), H and W multiples of 16.
+
+    ``tap_blocks`` are the encoder blocks whose normed patch tokens feed the decoder (default: the last
+    block of each quarter of the depth); ``multiscale=False`` uses the last block only (the ablation).
+
+    ``autocast_dtypes`` (a plain attribute, not in the state dict) maps a device type to the dtype each forward
+    autocasts to there (None: fp32, autocast off), whatever autocast context the caller has open; device types
+    not in it follow the caller. The logits are then returned in float32. `decoder_parameters`: decoder and
+    channel adapter.
+    """
+
+    def __init__(self, encoder: DINOv3Encoder, in_channels: int, num_classes: int,
+                 multiscale: bool = True, tap_blocks: Sequence[int] | None = None):
+        super().__init__()
+        depth = encoder.arch.depth
+        if tap_blocks is None:
+            tap_blocks = default_tap_blocks(depth) if multiscale else (depth - 1,)
+        self.tap_blocks = checked_tap_blocks(tap_blocks, depth)
+        self.channel_adapter = ChannelAdapter(in_channels, encoder.arch.in_chans)
+        self.encoder = encoder
+        self.decoder = TokenAggregationDecoder(len(self.tap_blocks) * encoder.arch.embed_dim, num_classes,
+                                               encoder.arch.patch_size)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Clear `ValueError`s for inputs the network cannot take: rank, empty batch, channels, image size."""
@@ -95,14 +118,6 @@ class MedDINOv3Net(nn.Module):
         # concatenated channels-last (B, h, w, taps * D), handed to the decoder as an NCHW view without a copy
         features = torch.cat([t.reshape(grid) for t in tokens], dim=-1)
         return self.decoder(features.permute(0, 3, 1, 2))
-
-    def encoder_parameters(self):
-        return self.encoder.parameters()
-
-    def decoder_parameters(self):
-        """Everything trained at the decoder learning rate: decoder and channel adapter."""
-        encoder_ids = {id(p) for p in self.encoder.parameters()}
-        return [p for p in self.parameters() if id(p) not in encoder_ids]
 
 
 def build_network(encoder: EncoderArch | str | DINOv3Encoder = "vit_b16", in_channels: int = 1, num_classes: int = 2,

@@ -27,7 +27,7 @@ from torch import nn
 
 from .decoder import TokenAggregationDecoder
 from .encoder import DINOv3Encoder, build_encoder, check_image_size
-from .network import MedDINOv3Net
+from .network import MedDINOv3Net, TokenSegmentationNet, checked_tap_blocks
 from .presets import EncoderArch, default_tap_blocks, preset
 
 DECODERS = ("aggregation", "projected")
@@ -136,34 +136,23 @@ class SliceMixer(nn.Module):
         return tokens + self.proj(y)
 
 
-class VolumetricMedDINOv3Net(nn.Module):
+class VolumetricMedDINOv3Net(TokenSegmentationNet):
     """Logits (B, K, D, H, W) for patches (B, C, D, H, W); H and W multiples of the encoder's patch size.
 
-    ``autocast_dtypes``: as `MedDINOv3Net` (device type -> autocast dtype of each forward, None: fp32)."""
-
-    autocast_dtypes: dict[str, torch.dtype | None] | None = None
+    ``autocast_dtypes``: as `MedDINOv3Net` (device type -> autocast dtype of each forward, None: fp32).
+    `decoder_parameters`: decoder, slice mixers and slice input."""
 
     def __init__(self, encoder: DINOv3Encoder, in_channels: int, num_classes: int, context: int = 1,
                  mix_slices: bool = False, tap_blocks: Sequence[int] | None = None, decoder: str = "aggregation"):
         super().__init__()
         depth = encoder.arch.depth
-        self.tap_blocks = tuple(int(b) for b in (tap_blocks if tap_blocks is not None else default_tap_blocks(depth)))
-        if any(not 0 <= b < depth for b in self.tap_blocks):
-            raise ValueError(f"tap blocks {self.tap_blocks} out of range for a {depth}-block encoder")
+        self.tap_blocks = checked_tap_blocks(tap_blocks if tap_blocks is not None else default_tap_blocks(depth), depth)
         self.slice_input = SliceInput(in_channels, context, encoder.arch.in_chans)
         self.encoder = encoder
         self.mixers = nn.ModuleDict({str(b): SliceMixer(encoder.arch.embed_dim) for b in sorted(set(self.tap_blocks))}
                                     if mix_slices else {})
         self.decoder = build_decoder(decoder, len(self.tap_blocks), encoder.arch.embed_dim, num_classes,
                                      encoder.arch.patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtypes = self.autocast_dtypes or {}
-        if x.device.type not in dtypes:
-            return self._forward(x)
-        dtype = dtypes[x.device.type]
-        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-            return self._forward(x).float()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_size(x.shape[-2], x.shape[-1], self.encoder.patch_size)
@@ -183,14 +172,6 @@ class VolumetricMedDINOv3Net(nn.Module):
                     for i in self.tap_blocks]
         logits = self.decoder(torch.cat(features, dim=1))  # (B*D, K, H, W)
         return logits.view(b, d, *logits.shape[1:]).transpose(1, 2)
-
-    def encoder_parameters(self):
-        return self.encoder.parameters()
-
-    def decoder_parameters(self):
-        """Everything trained at the decoder learning rate: decoder, slice mixers and slice input."""
-        encoder_ids = {id(p) for p in self.encoder.parameters()}
-        return [p for p in self.parameters() if id(p) not in encoder_ids]
 
 
 def build_volumetric_network(encoder: EncoderArch | str | DINOv3Encoder = "vit_b16", in_channels: int = 1,
