@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from meddinov3_nnunet.atomic_io import print_and_write
+
 DINO_SUBDIR = Path("nnUNet/nnunetv2/training/nnUNetTrainer/dinov3")
 TAPS = [2, 5, 8, 11]
 
@@ -178,10 +180,7 @@ def main() -> int:
              f"torch {torch.__version__}.", ""] + [f"- {note}" for note in notes] + [
         "", "| device | precision | official s/step (median, min-max) | this project s/step | throughput ratio |",
         "|---|---|---|---|---|"] + rows
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        args.out.write_text(table)
+    print_and_write("\n".join(lines) + "\n", args.out)
     return 0
 
 

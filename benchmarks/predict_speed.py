@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from meddinov3_nnunet.atomic_io import print_and_write
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -125,10 +127,7 @@ def forward_table(rows: dict, args) -> int:
     for row, values in times.items():
         lines.append(f"| {row} | {'x'.join(map(str, rows[row]['patch']))} | {statistics.median(values):.1f} "
                      f"({min(values):.1f}-{max(values):.1f}) |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        args.out.write_text(table)
+    print_and_write("\n".join(lines) + "\n", args.out)
     return 0
 
 
@@ -189,10 +188,7 @@ def main() -> int:
                      f"({min(seconds):.2f}-{max(seconds):.2f}) | {entry['count'] / runs:.0f} | "
                      f"{1000 * entry['forward_seconds'] / max(entry['count'], 1):.1f} | "
                      f"{entry['forward_seconds'] / sum(seconds):.0%} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        args.out.write_text(table)
+    print_and_write("\n".join(lines) + "\n", args.out)
     return 0
 
 

@@ -37,6 +37,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, newline="")
 
 
+def print_and_write(text: str, path: str | os.PathLike | None) -> None:
+    """Prints ``text`` (a report) and, when ``path`` is given, also writes it there atomically."""
+    print(text)
+    if path:
+        write_text_atomic(path, text)
+
+
 def save_figure_atomic(figure, path: str | os.PathLike, dpi: int) -> None:
     """A matplotlib figure as PNG (format given explicitly: the temporary name does not end in .png)."""
     with atomic_path(path) as tmp:

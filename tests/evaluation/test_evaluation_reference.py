@@ -149,3 +149,13 @@ def test_reports_are_written_whole_with_ordinary_permissions(tmp_path):
     with pytest.raises(TypeError):
         write_text_atomic(tmp_path / "summary.md", None)  # a failed write leaves the old file and no temporary
     assert [p.name for p in tmp_path.iterdir()] == ["summary.md"] and (tmp_path / "summary.md").read_text() == "table\n"
+
+
+def test_print_and_write_prints_the_report_and_writes_it_only_when_given_a_path(tmp_path, capsys):
+    from meddinov3_nnunet.atomic_io import print_and_write
+
+    print_and_write("| a | b |\n", tmp_path / "sub" / "table.md")
+    print_and_write("not written\n", None)
+    assert capsys.readouterr().out == "| a | b |\n\nnot written\n\n"
+    assert [p.name for p in tmp_path.rglob("*")] == ["sub", "table.md"]
+    assert (tmp_path / "sub" / "table.md").read_text() == "| a | b |\n"
