@@ -62,16 +62,22 @@ class MedDINOv3Trainer_tiny_scratch(FromScratch, MedDINOv3Trainer_tiny):
     """Tiny encoder from scratch (the benchmark's comparison row for the pretrained tiny encoder)."""
 
 
-class MedDINOv3Trainer_smoke(MedDINOv3Trainer_tiny):
-    """Tiny encoder, a few iterations: checks an install or a pipeline on a CPU in about a minute.
-    Loads encoder weights when some are configured (e.g. a tiny pretraining export), else random."""
+class SmokeBudget:
+    """Mixin (put first) of the smoke trainers: 3 epochs of 12 iterations (2 validation), a checkpoint every epoch,
+    encoder at the decoder's learning rate; loads encoder weights when some are configured (e.g. a tiny
+    pretraining export), else random. The trainer sets its batch size."""
     encoder_weights = "optional"
     epochs = 3
     iterations_per_epoch = 12
     val_iterations_per_epoch = 2
-    batch_size_override = 8
     checkpoint_every = 1
     recipe = FinetuneRecipe(encoder_lr=3e-4)
+
+
+class MedDINOv3Trainer_smoke(SmokeBudget, MedDINOv3Trainer_tiny):
+    """Tiny encoder, a few iterations: checks an install or a pipeline on a CPU in about a minute.
+    Loads encoder weights when some are configured (e.g. a tiny pretraining export), else random."""
+    batch_size_override = 8
 
 
 # Names of the official MedDINOv3 repository, for existing scripts.

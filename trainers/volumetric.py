@@ -12,11 +12,10 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from meddinov3_nnunet.models.presets import preset
 from meddinov3_nnunet.models.volumetric import VolumetricMedDINOv3Net, build_volumetric_network
-from meddinov3_nnunet.nnunet.finetune import FinetuneRecipe
 from meddinov3_nnunet.nnunet.planning import round_up_to_patch
 
 from .base import MedDINOv3Trainer
-from .variants import FromScratch, MedDINOv3Trainer_S, MedDINOv3Trainer_tiny
+from .variants import FromScratch, MedDINOv3Trainer_S, MedDINOv3Trainer_tiny, SmokeBudget
 
 
 class MedDINOv3Trainer3DBase(MedDINOv3Trainer):
@@ -128,16 +127,10 @@ class MedDINOv3Trainer_S_proj_scratch(FromScratch, MedDINOv3Trainer_S_proj):
     pass
 
 
-class MedDINOv3Trainer_3d_smoke(MedDINOv3Trainer_3d):
+class MedDINOv3Trainer_3d_smoke(SmokeBudget, MedDINOv3Trainer_3d):
     """Tiny encoder, 2.5D + slice mixing, a few iterations at batch 2: checks the 3D path in about a minute.
     Loads encoder weights when some are configured (e.g. a tiny pretraining export), else random."""
     encoder_preset = MedDINOv3Trainer_tiny.encoder_preset
     drop_path_rate = 0.0
-    encoder_weights = "optional"
     weights_hint = MedDINOv3Trainer_tiny.weights_hint
-    epochs = 3
-    iterations_per_epoch = 12
-    val_iterations_per_epoch = 2
     batch_size_override = 2
-    checkpoint_every = 1
-    recipe = FinetuneRecipe(encoder_lr=3e-4)
