@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# the helper modules beside this file (nnunet_workspace, fake_nnunet, pretraining_helpers) serve every test folder
+# the helper modules beside this file (nnunet_workspace, fake_nnunet, pretraining_helpers, process_helpers) serve
+# every test folder
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 SHARED = Path(os.environ.get("MEDDINOV3_SHARED", REPO_ROOT.parent / "shared"))
 

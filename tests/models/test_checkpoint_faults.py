@@ -1,10 +1,6 @@
 """Fault injection for encoder checkpoints and the network's input: broken files are refused with the reason,
 `inspect-checkpoint` runs training's strict check, and a write killed half-way never leaves a half file."""
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -15,6 +11,8 @@ from meddinov3_nnunet.models.checkpoints import (CheckpointError, SizeMismatchEr
 from meddinov3_nnunet.models.encoder import build_encoder
 from meddinov3_nnunet.models.network import build_network
 from meddinov3_nnunet.models.presets import preset
+
+from process_helpers import kill_writer_after
 
 
 class Result:
@@ -150,12 +148,7 @@ def test_kill_during_checkpoint_writes_never_leaves_a_half_file(tmp_path):
     is always a complete earlier version (its cls_token equals its recorded step); only temporaries are left."""
     target = tmp_path / "encoder.pth"
     for delay in (1.5, 2.3, 3.1):
-        process = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True,
-                                   env=dict(os.environ, OMP_NUM_THREADS="1"))
-        assert process.stdout.readline().strip() == "ready"
-        time.sleep(delay)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        kill_writer_after(WRITER, target, delay)
         if target.exists():
             checkpoint = read_checkpoint(target)
             assert float(checkpoint.state_dict["cls_token"].flatten()[0]) == checkpoint.meta["step"]

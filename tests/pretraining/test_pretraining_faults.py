@@ -2,10 +2,6 @@
 on --resume, and a kill during run-checkpoint writes."""
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,6 +16,7 @@ from meddinov3_nnunet.pretraining.train import PretrainingRun
 
 from pretraining_helpers import one_torch_thread  # noqa: F401  (autouse: one torch thread)
 from pretraining_helpers import ct_volume, tiny_config, write_volume
+from process_helpers import kill_writer_after
 
 
 def truncate(path, fraction=0.5):
@@ -126,12 +123,7 @@ def test_kill_during_run_checkpoint_writes_loses_no_saved_step(tmp_path):
     """SIGKILL a process that writes 16 MB run checkpoints in a loop: checkpoint.pth always loads and is
     self-consistent; the temporaries it leaves are what `remove_interrupted_writes` removes at the next start."""
     for delay in (1.0, 1.7, 2.4):
-        process = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                                   env=dict(os.environ, OMP_NUM_THREADS="1"))
-        assert process.stdout.readline().strip() == "ready"
-        time.sleep(delay)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        kill_writer_after(WRITER, tmp_path, delay)
         saved = load_run_checkpoint(tmp_path / "checkpoint.pth")
         assert float(saved["weights"][-1]) == saved["step"]
         remove_interrupted_writes(tmp_path)
