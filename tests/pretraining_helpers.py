@@ -15,6 +15,7 @@ from meddinov3_nnunet.pretraining.config import load_config
 TINY_TEST_OVERRIDES = [
     "crops.global_size=32", "crops.local_size=16", "crops.local_number=2", "optim.batch_size=4",
     "optim.iterations=6", "optim.lr.warmup_iterations=2", "optim.teacher_temp.warmup_iterations=2",
+    "optim.teacher_temp.start=0.04", "optim.teacher_temp.peak=0.07", "optim.teacher_temp.end=0.07",
     "optim.freeze_last_layer_iterations=1", "dino.head_prototypes=64", "dino.head_hidden_dim=32",
     "dino.head_bottleneck_dim=16", "ibot.head_prototypes=48", "ibot.head_hidden_dim=32", "ibot.head_bottleneck_dim=16",
     "data.num_workers=0", "data.chunk_volumes=2", "train.checkpoint_every=100", "train.keep_every=100",

@@ -33,7 +33,7 @@ from meddinov3_nnunet.models.checkpoints import CheckpointError, SizeMismatchErr
 from meddinov3_nnunet.models.encoder import build_encoder
 from meddinov3_nnunet.models.network import MedDINOv3Net, build_network
 from meddinov3_nnunet.models.patch_size import with_patch_size
-from meddinov3_nnunet.models.presets import preset
+from meddinov3_nnunet.models.presets import EncoderArch, preset
 from meddinov3_nnunet.models.volumetric import ProjectedMedDINOv3Net
 from meddinov3_nnunet.nnunet.planning import PLANS_KEY, round_up_to_patch
 
@@ -51,6 +51,7 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
     drop_path_rate = 0.2  # MedDINOv3's trainer: vit_base(drop_path_rate=0.2), DINOv3's batch-subset form, every block
     encoder_patch_size = 16  # 8: finer tokens, patch embedding resampled from the patch-16 weights at load
     decoder = "aggregation"  # or "projected" (1x1 projection of the taps to the embedding width, FlexiCT)
+    layerscale_init = None  # None: the preset's start (1e-5); only a random encoder keeps it, weights overwrite it
 
     # encoder initialisation: "required" (error without weights), "optional" (random if none), "none"
     encoder_weights = "required"
@@ -115,9 +116,14 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
         return network
 
     @classmethod
+    def encoder_arch(cls) -> EncoderArch:
+        arch = preset(cls.encoder_preset, cls.encoder_flavour, patch_size=cls.encoder_patch_size)
+        return arch if cls.layerscale_init is None else arch.replace(layerscale_init=cls.layerscale_init)
+
+    @classmethod
     def build_plain_network(cls, num_input_channels: int, num_output_channels: int) -> MedDINOv3Net:
         """The network the class attributes describe (the 3D trainers override this)."""
-        arch = preset(cls.encoder_preset, cls.encoder_flavour, patch_size=cls.encoder_patch_size)
+        arch = cls.encoder_arch()
         if cls.decoder == "projected":
             return ProjectedMedDINOv3Net(build_encoder(arch, drop_path_rate=cls.drop_path_rate), num_input_channels,
                                          num_output_channels, tap_blocks=cls.tap_blocks)

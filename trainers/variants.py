@@ -62,6 +62,18 @@ class MedDINOv3Trainer_tiny_scratch(FromScratch, MedDINOv3Trainer_tiny):
     """Tiny encoder from scratch (the benchmark's comparison row for the pretrained tiny encoder)."""
 
 
+class MedDINOv3Trainer_tiny_enclr3e4(MedDINOv3Trainer_tiny):
+    """Pretraining ablation: a pretrained tiny encoder at the from-scratch encoder lr 3e-4 (the paper's recipe uses
+    3e-5 for pretrained weights), so that against `MedDINOv3Trainer_tiny_scratch_ls1` only the initialisation differs."""
+    recipe = FinetuneRecipe(encoder_lr=3e-4)
+
+
+class MedDINOv3Trainer_tiny_scratch_ls1(MedDINOv3Trainer_tiny_scratch):
+    """Pretraining ablation: random tiny encoder whose LayerScale starts at 1.0, where the tiny_cpu pretraining starts
+    (the preset's random start is 1e-5)."""
+    layerscale_init = 1.0
+
+
 class SmokeBudget:
     """Mixin (put first) of the smoke trainers: 3 epochs of 12 iterations (2 validation), a checkpoint every epoch,
     encoder at the decoder's learning rate; loads encoder weights when some are configured (e.g. a tiny

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from meddinov3_nnunet.models.presets import preset
 from meddinov3_nnunet.models.volumetric import VolumetricMedDINOv3Net, build_volumetric_network
 from meddinov3_nnunet.nnunet.planning import round_up_to_patch
 
@@ -54,7 +53,7 @@ class MedDINOv3Trainer3DBase(MedDINOv3Trainer):
 
     @classmethod
     def build_plain_network(cls, num_input_channels: int, num_output_channels: int) -> VolumetricMedDINOv3Net:
-        arch = preset(cls.encoder_preset, cls.encoder_flavour, patch_size=cls.encoder_patch_size)
+        arch = cls.encoder_arch()
         return build_volumetric_network(arch, num_input_channels, num_output_channels, context=cls.context,
                                         mix_slices=cls.mix_slices, tap_blocks=cls.tap_blocks, decoder=cls.decoder,
                                         drop_path_rate=cls.drop_path_rate)

@@ -36,8 +36,8 @@ def test_set_overrides_parse_numbers_lists_and_booleans():
     assert config.gram.enabled is True and config.crops.gram_teacher_size == 224
     assert config.model.init == "/some/where.pth"
     base = load_config("tiny_cpu")
-    assert base.optim.lr.peak == 5e-4  # apply_overrides leaves its input alone
-    assert apply_overrides(base, ["optim.lr.peak=2e-4"]).optim.lr.peak == 2e-4 and base.optim.lr.peak == 5e-4
+    assert base.optim.lr.peak == 2e-3  # apply_overrides leaves its input alone
+    assert apply_overrides(base, ["optim.lr.peak=2e-4"]).optim.lr.peak == 2e-4 and base.optim.lr.peak == 2e-3
 
 
 def test_an_unknown_key_is_a_clear_error_with_a_suggestion():
@@ -70,7 +70,7 @@ def test_bad_values_are_clear_errors():
 def test_differences_lists_changed_recipe_keys_but_not_runtime_ones():
     a = load_config("tiny_cpu")
     b = apply_overrides(a, ["optim.lr.peak=1e-3", "train.checkpoint_every=7"])
-    assert differences(a.to_dict(), b.to_dict()) == ["optim.lr.peak: 0.0005 -> 0.001"]
+    assert differences(a.to_dict(), b.to_dict()) == ["optim.lr.peak: 0.002 -> 0.001"]
 
 
 def test_the_tiny_preset_starts_layerscale_at_one_and_the_stage_recipes_keep_dinov3s_value():

@@ -2,11 +2,11 @@
 clearly below their uniform-prediction values (ln K for DINO; ln K x the masked share of the global crops for
 iBOT, whose per-image mean counts unmasked crops as 0).
 
-Settings (why they differ from tiny_cpu, see docs/pretraining.md "Why iBOT stayed at its uniform value"): a
-sharp constant teacher temperature (0.02) so that the Sinkhorn-Knopp targets are not near-uniform at the
-start, masks of 10-20% of the patches so that a masked patch can be inferred from its neighbours by a
-randomly initialised ViT, and lr 2e-3. With tiny_cpu's values (0.04 -> 0.07, 10-50%, 5e-4) both losses stay
-within 0.01 of uniform for these 150 steps."""
+Settings (tiny_cpu's, set explicitly; why they differ from DINOv3's, see docs/pretraining.md "Why iBOT stayed at
+its uniform value"): a sharp constant teacher temperature (0.02) so that the Sinkhorn-Knopp targets are not
+near-uniform at the start, masks of 10-20% of the patches so that a masked patch can be inferred from its
+neighbours by a randomly initialised ViT, and lr 2e-3. With DINOv3-like values (0.04 -> 0.07, 10-50%, lr 5e-4,
+tiny_cpu's until 2026-12-01) both losses stay within 0.01 of uniform for these 150 steps."""
 import json
 import math
 
