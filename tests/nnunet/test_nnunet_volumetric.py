@@ -55,39 +55,37 @@ def test_plan_adds_a_3d_configuration_next_to_2d_meddinov3(workspace):
     assert "'3d_meddinov3'" in workspace.plan_output and "-tr MedDINOv3Trainer_3d" in workspace.plan_output
 
 
-def test_3d_smoke_trainer_trains_on_3d_fullres_and_predicts_with_the_3d_sliding_window(workspace):
-    train = workspace.run("nnUNetv2_train", 4, "3d_fullres", 0, "-tr", SMOKE, "-device", "cpu")
+@pytest.fixture(scope="module")
+def smoke_run(workspace):
+    """The 3D smoke trainer's run on 3d_fullres fold 0 (3 epochs x 12 iterations), shared by the tests below."""
+    return workspace.run("nnUNetv2_train", 4, "3d_fullres", 0, "-tr", SMOKE, "-device", "cpu")
+
+
+def test_3d_smoke_trainer_trains_on_3d_fullres_and_predicts_with_the_3d_sliding_window(workspace, smoke_run):
     folder = model_folder(workspace, SMOKE, "3d_fullres")
     for name in ("checkpoint_final.pth", "validation/summary.json"):
         assert (folder / "fold_0" / name).is_file(), name
     assert json.loads((folder / "plans.json").read_text())["configurations"]["3d_fullres"]["patch_size"] == [40, 64, 48]
-    assert "patch size [40, 56, 40] rounded up to [40, 64, 48]" in train.stdout
-    losses = parse_train_losses(train.stdout)
+    assert "patch size [40, 56, 40] rounded up to [40, 64, 48]" in smoke_run.stdout
+    losses = parse_train_losses(smoke_run.stdout)
     assert len(losses) == 3 and losses[-1] < losses[0]
     predict_and_check(workspace, SMOKE, "3d_fullres", "pred_smoke")
 
 
-def test_3d_trainer_resumes_with_c_and_validates_with_val(workspace):
-    first = workspace.run("nnUNetv2_train", 4, "3d_fullres", 1, "-tr", SMOKE, "-device", "cpu",
-                          MEDDINOV3_NUM_EPOCHS=1, MEDDINOV3_ITERS_PER_EPOCH=2)
-    resumed = workspace.run("nnUNetv2_train", 4, "3d_fullres", 1, "-tr", SMOKE, "-device", "cpu", "--c",
-                            MEDDINOV3_NUM_EPOCHS=2, MEDDINOV3_ITERS_PER_EPOCH=2, MEDDINOV3_WEIGHTS="/does/not/exist")
-    assert "Epoch 0" in first.stdout and "Epoch 1" not in first.stdout
-    assert "Epoch 1" in resumed.stdout and "Epoch 0" not in resumed.stdout and "encoder:" not in resumed.stdout
-    checkpoint = torch.load(model_folder(workspace, SMOKE, "3d_fullres") / "fold_1" / "checkpoint_final.pth",
+def test_3d_trainer_resumes_with_c_and_validates_with_val(workspace, smoke_run):
+    resumed = workspace.run("nnUNetv2_train", 4, "3d_fullres", 0, "-tr", SMOKE, "-device", "cpu", "--c",
+                            MEDDINOV3_NUM_EPOCHS=4, MEDDINOV3_ITERS_PER_EPOCH=2, MEDDINOV3_WEIGHTS="/does/not/exist")
+    assert "Epoch 3" in resumed.stdout and "Epoch 2" not in resumed.stdout and "encoder:" not in resumed.stdout
+    checkpoint = torch.load(model_folder(workspace, SMOKE, "3d_fullres") / "fold_0" / "checkpoint_final.pth",
                             map_location="cpu", weights_only=False)
-    assert checkpoint["current_epoch"] == 2
-    validation = workspace.run("nnUNetv2_train", 4, "3d_fullres", 1, "-tr", SMOKE, "-device", "cpu", "--val")
+    assert checkpoint["current_epoch"] == 4
+    validation = workspace.run("nnUNetv2_train", 4, "3d_fullres", 0, "-tr", SMOKE, "-device", "cpu", "--val")
     assert "Mean Validation Dice" in validation.stdout and "Epoch" not in validation.stdout
 
 
 @pytest.mark.parametrize("trainer, configuration", [
-    ("MedDINOv3Trainer_S_25d_scratch", "3d_fullres"),
-    ("MedDINOv3Trainer_S_slicemix_scratch", "3d_fullres"),
-    ("MedDINOv3Trainer_S_3d_scratch", "3d_fullres"),
-    (SMOKE, "3d_meddinov3"),
+    ("MedDINOv3Trainer_S_3d_scratch", "3d_meddinov3"),  # (a) + (b) on the ViT-aware 3D configuration
     ("MedDINOv3Trainer_S_patch8_scratch", "2d"),
-    ("MedDINOv3Trainer_S_proj_scratch", "2d"),
     ("nnUNet_Primus_S_Trainer_budget", "3d_fullres"),  # nnU-Net's 3D ViT, the comparison row
 ])
 def test_benchmark_trainer_trains_and_predicts_at_smoke_budget(workspace, trainer, configuration):
@@ -105,6 +103,39 @@ def test_benchmark_trainer_trains_and_predicts_at_smoke_budget(workspace, traine
     workspace.run("nnUNetv2_predict", "-i", workspace.held_out, "-o", out, "-d", 4, "-c", configuration, "-f", 2,
                   "-tr", trainer, "-device", "cpu", "--disable_tta")
     assert len(list(out.glob("*.nii.gz"))) == 1
+
+
+@pytest.mark.parametrize("trainer_name, configuration, patch", [
+    ("MedDINOv3Trainer_S_25d_scratch", "3d_fullres", [40, 64, 48]),
+    ("MedDINOv3Trainer_S_slicemix_scratch", "3d_fullres", [40, 64, 48]),
+    ("MedDINOv3Trainer_S_proj_scratch", "2d", [64, 48]),
+])
+def test_design_trainers_are_found_by_nnunet_and_take_a_training_step_on_its_patch(workspace, monkeypatch,
+                                                                                   trainer_name, configuration, patch):
+    """The end-to-end runs above cover nnU-Net's loop for the 3D, patch-8 and Primus rows; the other design rows
+    differ only in their network, checked here in-process: nnU-Net's lookup, the planned patch, one step."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    for key, value in workspace.env().items():
+        monkeypatch.setenv(key, value)
+    trainer_class = recursive_find_trainer_class_by_name(trainer_name)
+    assert trainer_class.__name__ == trainer_name
+    base = workspace.preprocessed / "Dataset004_Hippocampus"
+    plans = json.loads((base / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False
+    torch.manual_seed(0)
+    trainer = trainer_class(plans, configuration, 3, json.loads((base / "dataset.json").read_text()),
+                            device=torch.device("cpu"))
+    trainer.initialize()
+    assert trainer.configuration_manager.patch_size == patch
+    data = torch.randn(2, 1, *patch)
+    target = torch.randint(0, 3, (2, 1, *patch)).float()
+    before = [p.detach().clone() for p in trainer.network.parameters()]
+    loss = trainer.train_step({"data": data, "target": target})["loss"]
+    assert np.isfinite(loss) and loss > 0
+    assert trainer.network(data).shape == (2, 3, *patch)
+    moved = sum(not torch.equal(a, b.detach()) for a, b in zip(before, trainer.network.parameters()))
+    assert moved > len(before) // 2
 
 
 @pytest.mark.parametrize("trainer, configuration, message", [
