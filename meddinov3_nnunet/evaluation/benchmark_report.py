@@ -114,7 +114,7 @@ def write_outputs(collected: dict, out_dir: Path, preset: dict) -> dict:
             + "(k undef.): k case x class values without a defined value (e.g. HD95 when the prediction or the "
             "reference is empty), left out of that mean (class-averaged columns: summed over classes"
             + (" and seeds" if several else "") + "). Seeds: MEDDINOV3_SEED of the run ('none': unseeded). "
-            f"Wall time: the whole nnUNetv2_train "
+            "Wall time: the whole nnUNetv2_train "
             f"call (start-up, training, final validation). it/s: training iterations per second of epoch time "
             f"(epoch time includes nnU-Net's per-epoch validation batches). Inference: seconds per validation case "
             f"(sliding window with mirroring, export). Peak RSS: largest process of the training. "

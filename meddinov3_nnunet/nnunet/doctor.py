@@ -44,10 +44,9 @@ def check_weights(path: str, trainer=None) -> str:
     checkpoint, arch = read_checkpoint(path), None
     if trainer is not None:
         from meddinov3_nnunet.models.patch_size import with_patch_size
-        from meddinov3_nnunet.models.presets import preset
 
         checkpoint = with_patch_size(checkpoint, trainer.encoder_patch_size)
-        arch = preset(trainer.encoder_preset, trainer.encoder_flavour, patch_size=trainer.encoder_patch_size)
+        arch = trainer.encoder_arch()
     try:
         check_checkpoint(checkpoint, arch)
     except SizeMismatchError as err:

@@ -1,6 +1,5 @@
 """The fine-tuning recipe: two AdamW groups and the per-epoch warm-up / linear-decay schedule."""
 import pytest
-import torch
 
 from meddinov3_nnunet.nnunet.finetune import FinetuneRecipe, WarmupLinearDecay, build_optimizer
 from meddinov3_nnunet.models.network import build_network

@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_workspace import Workspace, hippocampus_subset, parse_train_losses
+from nnunet_workspace import parse_train_losses
 
 SMOKE = "MedDINOv3Trainer_3d_smoke"
 BUDGET = dict(MEDDINOV3_NUM_EPOCHS=1, MEDDINOV3_ITERS_PER_EPOCH=2, MEDDINOV3_VAL_ITERS=1, MEDDINOV3_BATCH_SIZE=2)
@@ -17,17 +17,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def workspace(shared_dir, tmp_path_factory):
-    workspace = Workspace(tmp_path_factory.mktemp("hippocampus3d"))
-    identifiers = hippocampus_subset(shared_dir, workspace, count=10)
-    workspace.run("nnUNetv2_plan_and_preprocess", "-d", 4, "-c", "2d", "3d_fullres", "-np", 1, 1)
-    workspace.plan_output = workspace.cli("plan", "-d", 4, "--preset", "cpu", "-np", 1).stdout
-    held_out = workspace.root / "held_out"
-    held_out.mkdir()
-    source = shared_dir / "datasets" / "Dataset004_Hippocampus"
-    name = f"{identifiers[10]}_0000.nii.gz"  # never seen in training
-    (held_out / name).symlink_to(source / "imagesTr" / name)
-    workspace.held_out = held_out
+def workspace(hippocampus_workspace):
+    """The shared planned workspace (tests/nnunet/conftest.py) with one held-out case for the 3D predictions."""
+    workspace = hippocampus_workspace
+    workspace.held_out_3d = workspace.root / "held_out_3d"
+    workspace.held_out_3d.mkdir(exist_ok=True)
+    case = sorted(workspace.held_out.glob("*.nii.gz"))[0]
+    if not (workspace.held_out_3d / case.name).exists():
+        (workspace.held_out_3d / case.name).symlink_to(case.resolve())
     return workspace
 
 
@@ -37,9 +34,9 @@ def model_folder(workspace, trainer, configuration):
 
 def predict_and_check(workspace, trainer, configuration, out_name):
     out = workspace.root / out_name
-    workspace.run("nnUNetv2_predict", "-i", workspace.held_out, "-o", out, "-d", 4, "-c", configuration, "-f", 0,
+    workspace.run("nnUNetv2_predict", "-i", workspace.held_out_3d, "-o", out, "-d", 4, "-c", configuration, "-f", 0,
                   "-tr", trainer, "-device", "cpu", "--disable_tta")
-    (image_file,) = workspace.held_out.glob("*.nii.gz")
+    (image_file,) = workspace.held_out_3d.glob("*.nii.gz")
     prediction = sitk.ReadImage(str(out / image_file.name.replace("_0000.nii.gz", ".nii.gz")))
     assert prediction.GetSize() == sitk.ReadImage(str(image_file)).GetSize()
     assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1, 2}
@@ -100,7 +97,7 @@ def test_benchmark_trainer_trains_and_predicts_at_smoke_budget(workspace, traine
         expected = {"2d": [56, 40], "3d_fullres": [40, 56, 40]}[configuration]
     assert patch == expected
     out = workspace.root / f"pred_{trainer}_{configuration}"
-    workspace.run("nnUNetv2_predict", "-i", workspace.held_out, "-o", out, "-d", 4, "-c", configuration, "-f", 2,
+    workspace.run("nnUNetv2_predict", "-i", workspace.held_out_3d, "-o", out, "-d", 4, "-c", configuration, "-f", 2,
                   "-tr", trainer, "-device", "cpu", "--disable_tta")
     assert len(list(out.glob("*.nii.gz"))) == 1
 

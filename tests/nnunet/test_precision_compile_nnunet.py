@@ -8,40 +8,34 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_workspace import Workspace, hippocampus_subset, parse_train_losses
+from nnunet_workspace import parse_train_losses
 
 CONFIG, SMOKE = "2d_meddinov3", "MedDINOv3Trainer_smoke"
 BUDGET = dict(MEDDINOV3_NUM_EPOCHS=2, MEDDINOV3_ITERS_PER_EPOCH=3, MEDDINOV3_VAL_ITERS=1)
 
 
 @pytest.fixture(scope="module")
-def planned(shared_dir, tmp_path_factory):
-    workspace = Workspace(tmp_path_factory.mktemp("amp"))
-    workspace.identifiers = hippocampus_subset(shared_dir, workspace, count=6)
-    workspace.run("nnUNetv2_plan_and_preprocess", "-d", 4, "-c", "2d", "-np", 1)
-    workspace.cli("plan", "-d", 4, "--preset", "cpu", "-np", 1)
-    return workspace
+def planned(hippocampus_workspace):
+    """The shared planned workspace (tests/nnunet/conftest.py); this module trains fold 2 of the smoke trainer on
+    2d_meddinov3 and uses fold 4 in-process."""
+    return hippocampus_workspace
 
 
 @pytest.mark.slow
-def test_bf16_training_and_prediction_through_stock_nnunet(planned, shared_dir):
-    train = planned.run("nnUNetv2_train", 4, CONFIG, 0, "-tr", SMOKE, "-device", "cpu", MEDDINOV3_AMP="bf16",
+def test_bf16_training_and_prediction_through_stock_nnunet(planned):
+    train = planned.run("nnUNetv2_train", 4, CONFIG, 2, "-tr", SMOKE, "-device", "cpu", MEDDINOV3_AMP="bf16",
                         **BUDGET)
     losses = parse_train_losses(train.stdout)
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
     model = planned.results / "Dataset004_Hippocampus" / f"{SMOKE}__nnUNetPlans__{CONFIG}"
-    log = next((model / "fold_0").glob("training_log_*.txt")).read_text()
+    log = next((model / "fold_2").glob("training_log_*.txt")).read_text()
     assert "precision on cpu: bf16 autocast (MEDDINOV3_AMP=bf16)" in log
 
-    held_out = planned.root / "held_out"
-    held_out.mkdir()
-    source = shared_dir / "datasets" / "Dataset004_Hippocampus" / "imagesTr"
-    for identifier in planned.identifiers[6:8]:
-        (held_out / f"{identifier}_0000.nii.gz").symlink_to(source / f"{identifier}_0000.nii.gz")
+    held_out = planned.held_out
     outputs = {}
     for amp in ("bf16", "off"):
         outputs[amp] = planned.root / f"predicted_{amp}"
-        result = planned.run("nnUNetv2_predict", "-i", held_out, "-o", outputs[amp], "-d", 4, "-c", CONFIG, "-f", 0,
+        result = planned.run("nnUNetv2_predict", "-i", held_out, "-o", outputs[amp], "-d", 4, "-c", CONFIG, "-f", 2,
                              "-tr", SMOKE, "-device", "cpu", MEDDINOV3_AMP=amp)
         expected = "bf16 autocast (MEDDINOV3_AMP=bf16)" if amp == "bf16" else "fp32 (no autocast) (MEDDINOV3_AMP=off)"
         assert f"precision on cpu: {expected}" in result.stdout
