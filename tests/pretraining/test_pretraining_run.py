@@ -109,7 +109,7 @@ def test_the_momentum_and_lr_schedules_follow_dinov3s_warmup_cosine():
 @pytest.mark.slow  # a pretraining run
 def test_resuming_with_another_config_or_nothing_to_resume_is_refused(straight_run, manifest, tmp_path):
     output, _ = straight_run
-    with pytest.raises(ResumeError, match=r"(?s)config differs.*optim\.lr\.peak: 0\.0005 -> 0\.001"):
+    with pytest.raises(ResumeError, match=r"(?s)config differs.*optim\.lr\.peak: 0\.002 -> 0\.001"):
         PretrainingRun(tiny_config("optim.lr.peak=1e-3"), manifest, output, resume=True, device="cpu").check()
     with pytest.raises(ResumeError, match="nothing to resume"):
         PretrainingRun(tiny_config(), manifest, tmp_path / "empty", resume=True, device="cpu").check()
