@@ -39,6 +39,17 @@ class Workspace:
     def cli(self, *args, check: bool = True, **extra_env) -> subprocess.CompletedProcess:
         return self.run(sys.executable, "-m", "meddinov3_nnunet.cli", *args, check=check, **extra_env)
 
+    def trainer(self, trainer_class, configuration: str, fold: int, dataset: str = "Dataset004_Hippocampus"):
+        """An in-process instance of ``trainer_class`` on this workspace's plans, as nnUNetv2_train builds it
+        (``continue_training`` False); the caller sets the environment (``env()``) first."""
+        import torch
+
+        base = self.preprocessed / dataset
+        plans = json.loads((base / "nnUNetPlans.json").read_text())
+        plans["continue_training"] = False  # what nnU-Net's run_training sets before building a trainer
+        dataset_json = json.loads((base / "dataset.json").read_text())
+        return trainer_class(plans, configuration, fold, dataset_json, device=torch.device("cpu"))
+
 
 def link_cases(source: Path, target: Path, identifiers: list[str], channels: int, ending: str = ".nii.gz",
                labels: bool = True) -> None:

@@ -138,11 +138,7 @@ def make_trainer(trained, monkeypatch, trainer_name=SMOKE, configuration=CONFIG,
     for key in ("MEDDINOV3_WEIGHTS", "DINOV3_WEIGHTS"):
         if key not in env:
             monkeypatch.delenv(key, raising=False)
-    base = trained.preprocessed / "Dataset004_Hippocampus"
-    plans = json.loads((base / "nnUNetPlans.json").read_text())
-    plans["continue_training"] = False
-    dataset_json = json.loads((base / "dataset.json").read_text())
-    return getattr(trainers, trainer_name)(plans, configuration, fold, dataset_json, device=torch.device("cpu"))
+    return trained.trainer(getattr(trainers, trainer_name), configuration, fold)
 
 
 def test_plain_2d_configuration_gets_a_patch_divisible_by_16(trained, monkeypatch):

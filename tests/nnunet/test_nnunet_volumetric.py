@@ -21,10 +21,9 @@ def workspace(hippocampus_workspace):
     """The shared planned workspace (tests/nnunet/conftest.py) with one held-out case for the 3D predictions."""
     workspace = hippocampus_workspace
     workspace.held_out_3d = workspace.root / "held_out_3d"
-    workspace.held_out_3d.mkdir(exist_ok=True)
+    workspace.held_out_3d.mkdir()
     case = sorted(workspace.held_out.glob("*.nii.gz"))[0]
-    if not (workspace.held_out_3d / case.name).exists():
-        (workspace.held_out_3d / case.name).symlink_to(case.resolve())
+    (workspace.held_out_3d / case.name).symlink_to(case.resolve())
     return workspace
 
 
@@ -117,12 +116,8 @@ def test_design_trainers_are_found_by_nnunet_and_take_a_training_step_on_its_pat
         monkeypatch.setenv(key, value)
     trainer_class = recursive_find_trainer_class_by_name(trainer_name)
     assert trainer_class.__name__ == trainer_name
-    base = workspace.preprocessed / "Dataset004_Hippocampus"
-    plans = json.loads((base / "nnUNetPlans.json").read_text())
-    plans["continue_training"] = False
     torch.manual_seed(0)
-    trainer = trainer_class(plans, configuration, 3, json.loads((base / "dataset.json").read_text()),
-                            device=torch.device("cpu"))
+    trainer = workspace.trainer(trainer_class, configuration, 3)
     trainer.initialize()
     assert trainer.configuration_manager.patch_size == patch
     data = torch.randn(2, 1, *patch)
@@ -157,16 +152,12 @@ def test_encoder_weights_load_unchanged_into_the_3d_and_patch8_trainers(workspac
     save_encoder(encoder, tmp_path / "tiny.pth")
     for key, value in workspace.env(MEDDINOV3_WEIGHTS=tmp_path / "tiny.pth").items():
         monkeypatch.setenv(key, value)
-    base = workspace.preprocessed / "Dataset004_Hippocampus"
-    dataset_json = json.loads((base / "dataset.json").read_text())
 
     class Tiny3dPatch8(trainers.MedDINOv3Trainer_3d_smoke):
         encoder_patch_size = 8
 
     for trainer_class, name in ((trainers.MedDINOv3Trainer_3d_smoke, "3d"), (Tiny3dPatch8, "3d patch 8")):
-        plans = json.loads((base / "nnUNetPlans.json").read_text())
-        plans["continue_training"] = False  # what nnUNetv2_train's runner sets before building a trainer
-        trainer = trainer_class(plans, "3d_fullres", 3, dataset_json, device=torch.device("cpu"))
+        trainer = workspace.trainer(trainer_class, "3d_fullres", 3)
         trainer.initialize()
         trainer.load_encoder_weights()
         loaded = trainer.network.encoder.state_dict()

@@ -1,6 +1,5 @@
 """Through stock nnU-Net on the CPU: bf16 training + prediction (MEDDINOV3_AMP) and nnUNet_compile=1 with the trainer
 (compiled network, encoder weights into `_orig_mod`, checkpoint save / load)."""
-import json
 import math
 
 import numpy as np
@@ -64,13 +63,9 @@ def test_compiled_trainer_loads_encoder_weights_and_round_trips_checkpoints(plan
         monkeypatch.setenv(key, value)
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="aot_eager", **kw))
-    base = planned.preprocessed / "Dataset004_Hippocampus"
-    dataset_json = json.loads((base / "dataset.json").read_text())
 
     def trainer(fold):
-        plans = json.loads((base / "nnUNetPlans.json").read_text())
-        plans["continue_training"] = False  # what nnU-Net's run_training sets
-        instance = getattr(trainers, SMOKE)(plans, CONFIG, fold, dataset_json, device=torch.device("cpu"))
+        instance = planned.trainer(getattr(trainers, SMOKE), CONFIG, fold)
         instance.initialize()
         return instance
 
