@@ -5,7 +5,9 @@
         --cases 5 --rounds 3 --threads 2 --out predict_speed.md
 
 Each row is ``TRAINER:CONFIGURATION[:OPTION...]``; options for the plugin's trainers: a MEDDINOV3_AMP value
-(auto, bf16, fp16, off) and ``conv`` (the decoder through PyTorch's transposed convolutions, for an A/B). The script
+(auto, bf16, fp16, off), ``conv`` (the decoder through PyTorch's transposed convolutions, for an A/B) and ``nopack``
+(linear layers through autocast's per-call weight casts instead of the packed bf16 weights of
+`meddinov3_nnunet.models.cpu_inference`, for an A/B). The script
 plans a few shared Hippocampus cases with stock nnU-Net (fingerprint + plans, no preprocessing) and
 ``meddinov3-nnunet plan --preset cpu`` (configuration 2d_meddinov3) in a temporary folder, builds every row's
 network through its trainer class with a fixed random initialisation, and predicts real cases with nnU-Net's
@@ -27,6 +29,9 @@ import time
 from pathlib import Path
 
 from meddinov3_nnunet.atomic_io import print_and_write
+from meddinov3_nnunet.models import cpu_inference
+
+PACKING_AVAILABLE = cpu_inference._MKLDNN
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,6 +92,8 @@ def build_predictor(row: str, plans: dict, dataset_json: dict, seed: int):
     for option in options:
         if option == "conv":
             use_transposed_convolutions(network)
+        elif option == "nopack":
+            pass  # applied around each of the row's predictions (see `packing`)
         else:
             network.autocast_dtypes = precision.autocast_dtypes(option)
     predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
@@ -106,6 +113,11 @@ def build_predictor(row: str, plans: dict, dataset_json: dict, seed: int):
     return predictor, forwards, configuration_manager.patch_size
 
 
+def packing(row: str) -> bool:
+    """Whether the row predicts with packed bf16 linear weights (the default) or autocast's casts (``nopack``)."""
+    return "nopack" not in row.split(":")[2:]
+
+
 def forward_table(rows: dict, args) -> int:
     import torch
 
@@ -117,6 +129,7 @@ def forward_table(rows: dict, args) -> int:
         for round_index in range(args.rounds):
             for row in (list(rows) if round_index % 2 == 0 else list(rows)[::-1]):
                 network, x = rows[row]["predictor"].network, rows[row]["input"]
+                cpu_inference._MKLDNN = packing(row) and PACKING_AVAILABLE
                 start = time.perf_counter()
                 for _ in range(args.forward_only):
                     network(x)
@@ -167,6 +180,7 @@ def main() -> int:
         return forward_table(rows, args)
     for round_index in range(args.rounds):
         for row, entry in rows.items():
+            cpu_inference._MKLDNN = packing(row) and PACKING_AVAILABLE
             for image, properties in cases:
                 entry["forwards"].update(count=0, seconds=0.0)
                 start = time.perf_counter()

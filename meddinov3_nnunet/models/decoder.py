@@ -26,6 +26,8 @@ from timm.layers import LayerNorm2d
 from torch import nn
 from torch.nn import functional as F
 
+from .cpu_inference import packed_linear
+
 
 class UpsampleStage(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int):
@@ -42,7 +44,8 @@ class UpsampleStage(nn.Sequential):
         c_out = conv.out_channels
         # weight (C_in, C_out, 2, 2) -> (C_in, C_out * 4) is a view; output columns are ordered (c_out, ky, kx)
         bias = None if conv.bias is None else conv.bias.repeat_interleave(4)
-        y = F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1).t(), bias)
+        y = packed_linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1).t(), bias, self,
+                          sources=(conv.weight, conv.bias))
         y = y.reshape(b, h, w, c_out, 2, 2).permute(0, 1, 4, 2, 5, 3).reshape(b, 2 * h, 2 * w, c_out)
         y = act(F.layer_norm(y, norm.normalized_shape, norm.weight, norm.bias, norm.eps))
         return y.permute(0, 3, 1, 2)
@@ -68,5 +71,6 @@ class TokenAggregationDecoder(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = self.stages(features).permute(0, 2, 3, 1)  # channels-last, contiguous
-        logits = F.linear(x, self.head.weight.flatten(1), self.head.bias)  # the 1x1 head as a matrix product
+        logits = packed_linear(x, self.head.weight.flatten(1), self.head.bias, self,
+                               sources=(self.head.weight, self.head.bias))  # the 1x1 head as a matrix product
         return logits.permute(0, 3, 1, 2).contiguous()

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .cpu_inference import use_packed_linears
 from .decoder import TokenAggregationDecoder
 from .encoder import DINOv3Encoder, build_encoder, check_image_size
 from .presets import EncoderArch, default_tap_blocks, preset
@@ -95,6 +96,7 @@ class MedDINOv3Net(TokenSegmentationNet):
         self.encoder = encoder
         self.decoder = TokenAggregationDecoder(len(self.tap_blocks) * encoder.arch.embed_dim, num_classes,
                                                encoder.arch.patch_size)
+        use_packed_linears(self)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Clear `ValueError`s for inputs the network cannot take: rank, empty batch, channels, image size."""

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_inference import use_packed_linears
 from .decoder import TokenAggregationDecoder
 from .encoder import DINOv3Encoder, build_encoder, check_image_size
 from .network import MedDINOv3Net, TokenSegmentationNet, checked_tap_blocks
@@ -153,6 +154,7 @@ class VolumetricMedDINOv3Net(TokenSegmentationNet):
                                     if mix_slices else {})
         self.decoder = build_decoder(decoder, len(self.tap_blocks), encoder.arch.embed_dim, num_classes,
                                      encoder.arch.patch_size)
+        use_packed_linears(self)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_size(x.shape[-2], x.shape[-1], self.encoder.patch_size)
