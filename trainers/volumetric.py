@@ -122,6 +122,11 @@ class MedDINOv3Trainer_S_patch8_scratch(FromScratch, MedDINOv3Trainer_S_patch8):
     pass
 
 
+class MedDINOv3Trainer_S_patch4_scratch(FromScratch, MedDINOv3Trainer_S_patch8):
+    """Benchmark row beyond issue 9: patch 4 (16x the tokens of patch 16), decoder with two 2x stages."""
+    encoder_patch_size = 4
+
+
 class MedDINOv3Trainer_S_proj_scratch(FromScratch, MedDINOv3Trainer_S_proj):
     pass
 

@@ -105,6 +105,7 @@ def test_benchmark_trainer_trains_and_predicts_at_smoke_budget(workspace, traine
     ("MedDINOv3Trainer_S_25d_scratch", "3d_fullres", [40, 64, 48]),
     ("MedDINOv3Trainer_S_slicemix_scratch", "3d_fullres", [40, 64, 48]),
     ("MedDINOv3Trainer_S_proj_scratch", "2d", [64, 48]),
+    ("MedDINOv3Trainer_S_patch4_scratch", "2d", [56, 40]),  # nnU-Net's patch is a multiple of 4 already
 ])
 def test_design_trainers_are_found_by_nnunet_and_take_a_training_step_on_its_patch(workspace, monkeypatch,
                                                                                    trainer_name, configuration, patch):
