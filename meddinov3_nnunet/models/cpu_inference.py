@@ -15,30 +15,31 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-_MKLDNN = hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-_packed: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()  # owner -> {tag: (key, w, b)}
+_MKLDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+_packed: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()  # owner -> (key, weight, bias)
 
 
 def packs_linears(x: torch.Tensor) -> bool:
     """Whether `packed_linear` takes the packed path for input ``x`` here and now."""
     return (_MKLDNN and x.device.type == "cpu" and not torch.is_grad_enabled()
             and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-            and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling())
+            and not torch.compiler.is_compiling())
 
 
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, owner: nn.Module,
-                  tag: str = "", sources: tuple[torch.Tensor | None, ...] | None = None) -> torch.Tensor:
+                  sources: tuple[torch.Tensor | None, ...] | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; on the packed path with the bf16 weight packed once per version of
-    ``sources`` (default: weight and bias; pass the parameters when ``weight``/``bias`` are derived from them)."""
+    ``sources`` (default: weight and bias; pass the parameters when ``weight``/``bias`` are derived from them),
+    cached on ``owner`` (one packed linear per owner module)."""
     if not packs_linears(x):
         return F.linear(x, weight, bias)
     sources = (weight, bias) if sources is None else sources
     key = tuple(None if t is None else (t.data_ptr(), t._version, t.shape) for t in sources)
-    cache = _packed.setdefault(owner, {})
-    entry = cache.get(tag)
+    entry = _packed.get(owner)
     if entry is None or entry[0] != key:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16).contiguous(), None)
-        entry = cache[tag] = (key, packed, None if bias is None else bias.detach().to(torch.bfloat16))
+        entry = _packed[owner] = (key, packed, None if bias is None else bias.detach().to(torch.bfloat16))
     return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), entry[1], entry[2], "none", [], "")
 
 
