@@ -51,6 +51,7 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
     drop_path_rate = 0.2  # MedDINOv3's trainer: vit_base(drop_path_rate=0.2), DINOv3's batch-subset form, every block
     encoder_patch_size = 16  # 8: finer tokens, patch embedding resampled from the patch-16 weights at load
     decoder = "aggregation"  # or "projected" (1x1 projection of the taps to the embedding width, FlexiCT)
+    image_skip = False  # True: the decoder also sees the image at full resolution (conv skip, beyond the paper)
     layerscale_init = None  # None: the preset's start (1e-5); only a random encoder keeps it, weights overwrite it
 
     # encoder initialisation: "required" (error without weights), "optional" (random if none), "none"
@@ -74,7 +75,7 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
         self.print_to_log_file(
             f"{type(self).__name__}: encoder {self.encoder_preset} ({self.encoder_flavour} flavour), "
             f"{'multi-scale ' + str(self.tap_blocks or 'quarter-depth') if self.multiscale else 'single-scale'} "
-            f"decoder; {self.recipe}")
+            f"decoder{' + image skip' if self.image_skip else ''}; {self.recipe}")
         self.print_to_log_file(self.precision.describe(), also_print_to_console=False)
 
     # -- plans ------------------------------------------------------------------------------------
@@ -126,9 +127,10 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
         arch = cls.encoder_arch()
         if cls.decoder == "projected":
             return ProjectedMedDINOv3Net(build_encoder(arch, drop_path_rate=cls.drop_path_rate), num_input_channels,
-                                         num_output_channels, tap_blocks=cls.tap_blocks)
+                                         num_output_channels, tap_blocks=cls.tap_blocks, image_skip=cls.image_skip)
         return build_network(arch, in_channels=num_input_channels, num_classes=num_output_channels,
-                             multiscale=cls.multiscale, tap_blocks=cls.tap_blocks, drop_path_rate=cls.drop_path_rate)
+                             multiscale=cls.multiscale, tap_blocks=cls.tap_blocks, drop_path_rate=cls.drop_path_rate,
+                             image_skip=cls.image_skip)
 
     def _plain_network(self) -> MedDINOv3Net:
         network = self.network.module if isinstance(self.network, DistributedDataParallel) else self.network
@@ -212,7 +214,7 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
     @classmethod
     def trainer_names(cls, accept, preferred: str | None = None) -> list[str]:
         """Names of the loaded trainer classes (nnU-Net imports every module of the trainer folder) with the same
-        input dimensionality, decoder and patch size as this one that ``accept``; ``preferred`` first if among
+        input dimensionality, decoder (and image skip) and patch size as this one that ``accept``; ``preferred`` first if among
         them, then the shortest names."""
         found, stack = set(), [MedDINOv3Trainer]
         while stack:
@@ -220,7 +222,7 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
             stack.extend(trainer.__subclasses__())
             if accept(trainer) and trainer.build_plain_network.__func__ is cls.build_plain_network.__func__ \
                     and trainer.decoder == cls.decoder and trainer.multiscale == cls.multiscale \
-                    and trainer.encoder_patch_size == cls.encoder_patch_size:
+                    and trainer.encoder_patch_size == cls.encoder_patch_size and trainer.image_skip == cls.image_skip:
                 found.add(trainer.__name__)
         return sorted(found, key=lambda name: (name != preferred, len(name), name))
 

@@ -53,6 +53,8 @@ class MedDINOv3Trainer3DBase(MedDINOv3Trainer):
 
     @classmethod
     def build_plain_network(cls, num_input_channels: int, num_output_channels: int) -> VolumetricMedDINOv3Net:
+        if cls.image_skip:
+            raise NotImplementedError(f"{cls.__name__}: the image skip is built for the 2D network only")
         arch = cls.encoder_arch()
         return build_volumetric_network(arch, num_input_channels, num_output_channels, context=cls.context,
                                         mix_slices=cls.mix_slices, tap_blocks=cls.tap_blocks, decoder=cls.decoder,
@@ -83,6 +85,16 @@ class MedDINOv3Trainer_patch8(MedDINOv3Trainer):
 class MedDINOv3Trainer_proj(MedDINOv3Trainer):
     """Projected decoder (FlexiCT's Primus v2): taps -> 1x1 conv to the embedding width + norm -> 2x stages."""
     decoder = "projected"
+
+
+class MedDINOv3Trainer_skip(MedDINOv3Trainer):
+    """The paper's network + a full-resolution conv skip from the image into the decoder (`ImageSkip`)."""
+    image_skip = True
+
+
+class MedDINOv3Trainer_patch8_skip(MedDINOv3Trainer_patch8):
+    """Patch 8 + the image skip."""
+    image_skip = True
 
 
 # -- ViT-S and from-scratch forms (CPU benchmark rows) -----------------------------------------------
@@ -125,6 +137,18 @@ class MedDINOv3Trainer_S_patch8_scratch(FromScratch, MedDINOv3Trainer_S_patch8):
 class MedDINOv3Trainer_S_patch4_scratch(FromScratch, MedDINOv3Trainer_S_patch8):
     """Benchmark row beyond issue 9: patch 4 (16x the tokens of patch 16), decoder with two 2x stages."""
     encoder_patch_size = 4
+
+
+class MedDINOv3Trainer_S_skip_scratch(FromScratch, MedDINOv3Trainer_skip):
+    encoder_preset, weights_hint = MedDINOv3Trainer_S.encoder_preset, MedDINOv3Trainer_S.weights_hint
+
+
+class MedDINOv3Trainer_S_patch8_skip_scratch(MedDINOv3Trainer_S_patch8_scratch):
+    image_skip = True
+
+
+class MedDINOv3Trainer_S_patch4_skip_scratch(MedDINOv3Trainer_S_patch4_scratch):
+    image_skip = True
 
 
 class MedDINOv3Trainer_S_proj_scratch(FromScratch, MedDINOv3Trainer_S_proj):

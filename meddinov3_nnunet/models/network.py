@@ -82,11 +82,12 @@ class MedDINOv3Net(TokenSegmentationNet):
     ``autocast_dtypes`` (a plain attribute, not in the state dict) maps a device type to the dtype each forward
     autocasts to there (None: fp32, autocast off), whatever autocast context the caller has open; device types
     not in it follow the caller. The logits are then returned in float32. `decoder_parameters`: decoder and
-    channel adapter.
+    channel adapter. ``image_skip``: the decoder also sees the input image at full resolution (`ImageSkip`; all
+    input channels, before the channel adapter).
     """
 
     def __init__(self, encoder: DINOv3Encoder, in_channels: int, num_classes: int,
-                 multiscale: bool = True, tap_blocks: Sequence[int] | None = None):
+                 multiscale: bool = True, tap_blocks: Sequence[int] | None = None, image_skip: bool = False):
         super().__init__()
         depth = encoder.arch.depth
         if tap_blocks is None:
@@ -94,8 +95,9 @@ class MedDINOv3Net(TokenSegmentationNet):
         self.tap_blocks = checked_tap_blocks(tap_blocks, depth)
         self.channel_adapter = ChannelAdapter(in_channels, encoder.arch.in_chans)
         self.encoder = encoder
+        self.image_skip = image_skip
         self.decoder = TokenAggregationDecoder(len(self.tap_blocks) * encoder.arch.embed_dim, num_classes,
-                                               encoder.arch.patch_size)
+                                               encoder.arch.patch_size, in_channels if image_skip else 0)
         use_packed_linears(self)
 
     def check_input(self, x: torch.Tensor) -> None:
@@ -119,16 +121,18 @@ class MedDINOv3Net(TokenSegmentationNet):
         grid = (x.shape[0], x.shape[-2] // self.encoder.patch_size, x.shape[-1] // self.encoder.patch_size, -1)
         # concatenated channels-last (B, h, w, taps * D), handed to the decoder as an NCHW view without a copy
         features = torch.cat([t.reshape(grid) for t in tokens], dim=-1)
-        return self.decoder(features.permute(0, 3, 1, 2))
+        return self.decoder(features.permute(0, 3, 1, 2), x if self.image_skip else None)
 
 
 def build_network(encoder: EncoderArch | str | DINOv3Encoder = "vit_b16", in_channels: int = 1, num_classes: int = 2,
                   multiscale: bool = True, tap_blocks: Sequence[int] | None = None, flavour: str = "meddinov3",
-                  drop_path_rate: float = 0.0, drop_path_mode: str = "batch_subset") -> MedDINOv3Net:
+                  drop_path_rate: float = 0.0, drop_path_mode: str = "batch_subset",
+                  image_skip: bool = False) -> MedDINOv3Net:
     """Network with a random encoder from a preset name / `EncoderArch`, or around a given encoder
     (whose drop path is then kept)."""
     if isinstance(encoder, str):
         encoder = preset(encoder, flavour)
     if isinstance(encoder, EncoderArch):
         encoder = build_encoder(encoder, drop_path_rate=drop_path_rate, drop_path_mode=drop_path_mode)
-    return MedDINOv3Net(encoder, in_channels, num_classes, multiscale=multiscale, tap_blocks=tap_blocks)
+    return MedDINOv3Net(encoder, in_channels, num_classes, multiscale=multiscale, tap_blocks=tap_blocks,
+                        image_skip=image_skip)

@@ -41,23 +41,26 @@ class ProjectedDecoder(nn.Module):
 
     deep_supervision = False
 
-    def __init__(self, in_channels: int, embed_dim: int, num_classes: int, patch_size: int = 16):
+    def __init__(self, in_channels: int, embed_dim: int, num_classes: int, patch_size: int = 16,
+                 image_skip_channels: int = 0):
         super().__init__()
         from timm.layers import LayerNorm2d
 
         self.projection = nn.Sequential(nn.Conv2d(in_channels, embed_dim, kernel_size=1, bias=False),
                                         LayerNorm2d(embed_dim))
-        self.upsample = TokenAggregationDecoder(embed_dim, num_classes, patch_size)
+        self.upsample = TokenAggregationDecoder(embed_dim, num_classes, patch_size, image_skip_channels)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.upsample(self.projection(features))
+    def forward(self, features: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        return self.upsample(self.projection(features), image)
 
 
-def build_decoder(kind: str, num_taps: int, embed_dim: int, num_classes: int, patch_size: int) -> nn.Module:
+def build_decoder(kind: str, num_taps: int, embed_dim: int, num_classes: int, patch_size: int,
+                  image_skip_channels: int = 0) -> nn.Module:
+    """``image_skip_channels > 0``: the decoder also takes the input image (see `ImageSkip`)."""
     if kind == "aggregation":
-        return TokenAggregationDecoder(num_taps * embed_dim, num_classes, patch_size)
+        return TokenAggregationDecoder(num_taps * embed_dim, num_classes, patch_size, image_skip_channels)
     if kind == "projected":
-        return ProjectedDecoder(num_taps * embed_dim, embed_dim, num_classes, patch_size)
+        return ProjectedDecoder(num_taps * embed_dim, embed_dim, num_classes, patch_size, image_skip_channels)
     raise ValueError(f"unknown decoder {kind!r}; choose one of {DECODERS}")
 
 
@@ -65,10 +68,11 @@ class ProjectedMedDINOv3Net(MedDINOv3Net):
     """The 2D network with the projected decoder instead of the paper's."""
 
     def __init__(self, encoder: DINOv3Encoder, in_channels: int, num_classes: int,
-                 tap_blocks: Sequence[int] | None = None):
-        super().__init__(encoder, in_channels, num_classes, multiscale=True, tap_blocks=tap_blocks)
+                 tap_blocks: Sequence[int] | None = None, image_skip: bool = False):
+        super().__init__(encoder, in_channels, num_classes, multiscale=True, tap_blocks=tap_blocks,
+                         image_skip=image_skip)
         self.decoder = build_decoder("projected", len(self.tap_blocks), encoder.arch.embed_dim, num_classes,
-                                     encoder.arch.patch_size)
+                                     encoder.arch.patch_size, in_channels if image_skip else 0)
 
 
 def slices_with_neighbours(volume: torch.Tensor, context: int) -> torch.Tensor:
