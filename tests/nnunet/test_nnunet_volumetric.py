@@ -81,7 +81,7 @@ def test_3d_trainer_resumes_with_c_and_validates_with_val(workspace, smoke_run):
 
 @pytest.mark.parametrize("trainer, configuration", [
     ("MedDINOv3Trainer_S_3d_scratch", "3d_meddinov3"),  # (a) + (b) on the ViT-aware 3D configuration
-    ("MedDINOv3Trainer_S_patch8_scratch", "2d"),
+    ("MedDINOv3Trainer_S_patch8_skip_scratch", "2d"),  # patch 8 with the image skip
     ("nnUNet_Primus_S_Trainer_budget", "3d_fullres"),  # nnU-Net's 3D ViT, the comparison row
 ])
 def test_benchmark_trainer_trains_and_predicts_at_smoke_budget(workspace, trainer, configuration):
@@ -105,7 +105,7 @@ def test_benchmark_trainer_trains_and_predicts_at_smoke_budget(workspace, traine
     ("MedDINOv3Trainer_S_25d_scratch", "3d_fullres", [40, 64, 48]),
     ("MedDINOv3Trainer_S_slicemix_scratch", "3d_fullres", [40, 64, 48]),
     ("MedDINOv3Trainer_S_proj_scratch", "2d", [64, 48]),
-    ("MedDINOv3Trainer_S_patch4_scratch", "2d", [56, 40]),  # nnU-Net's patch is a multiple of 4 already
+    ("MedDINOv3Trainer_S_patch4_skip_scratch", "2d", [56, 40]),  # patch 4 + image skip; 56 x 40 fits patch 4
 ])
 def test_design_trainers_are_found_by_nnunet_and_take_a_training_step_on_its_patch(workspace, monkeypatch,
                                                                                    trainer_name, configuration, patch):
