@@ -92,11 +92,6 @@ class MedDINOv3Trainer_skip(MedDINOv3Trainer):
     image_skip = True
 
 
-class MedDINOv3Trainer_patch8_skip(MedDINOv3Trainer_patch8):
-    """Patch 8 + the image skip."""
-    image_skip = True
-
-
 # -- ViT-S and from-scratch forms (CPU benchmark rows) -----------------------------------------------
 class MedDINOv3Trainer_S_3d(MedDINOv3Trainer_3d):
     encoder_preset, weights_hint = MedDINOv3Trainer_S.encoder_preset, MedDINOv3Trainer_S.weights_hint
@@ -144,6 +139,7 @@ class MedDINOv3Trainer_S_skip_scratch(FromScratch, MedDINOv3Trainer_skip):
 
 
 class MedDINOv3Trainer_S_patch8_skip_scratch(MedDINOv3Trainer_S_patch8_scratch):
+    """Benchmark row: patch 8 + the image skip (lost to both alone in its one run; no user trainer)."""
     image_skip = True
 
 
