@@ -46,3 +46,13 @@ def test_image_skip_learns_pixel_detail_that_16_pixel_tokens_cannot():
         with torch.no_grad():
             accuracy[image_skip] = (net(x).argmax(1) == (x[:, 0] > 0)).float().mean().item()
     assert accuracy[False] < 0.65 and accuracy[True] > 0.9, accuracy
+
+
+def test_3d_trainers_refuse_the_image_skip_with_a_clear_message():
+    from meddinov3_nnunet.trainers import MedDINOv3Trainer_3d_smoke
+
+    class Smoke3dSkip(MedDINOv3Trainer_3d_smoke):
+        image_skip = True
+
+    with pytest.raises(NotImplementedError, match="Smoke3dSkip: the image skip is built for the 2D network only"):
+        Smoke3dSkip.build_plain_network(1, 3)
