@@ -214,8 +214,8 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
     @classmethod
     def trainer_names(cls, accept, preferred: str | None = None) -> list[str]:
         """Names of the loaded trainer classes (nnU-Net imports every module of the trainer folder) with the same
-        input dimensionality, decoder (and image skip) and patch size as this one that ``accept``; ``preferred`` first if among
-        them, then the shortest names."""
+        input dimensionality, decoder, image skip and patch size as this one that ``accept``; ``preferred`` first if
+        among them, then the shortest names."""
         found, stack = set(), [MedDINOv3Trainer]
         while stack:
             trainer = stack.pop()

@@ -57,9 +57,9 @@ class UpsampleStage(nn.Sequential):
         return y.permute(0, 3, 1, 2)
 
 
-def nnunet_conv_blocks(in_channels: int, out_channels: int, num_convs: int = 2) -> StackedConvBlocks:
-    """``num_convs`` x (3x3 conv -> InstanceNorm -> LeakyReLU), the block of nnU-Net's 2D U-Net."""
-    return StackedConvBlocks(num_convs, nn.Conv2d, in_channels, out_channels, 3, 1, conv_bias=True,
+def nnunet_conv_blocks(in_channels: int, out_channels: int) -> StackedConvBlocks:
+    """2 x (3x3 conv -> InstanceNorm -> LeakyReLU), the stage block of nnU-Net's 2D U-Net."""
+    return StackedConvBlocks(2, nn.Conv2d, in_channels, out_channels, 3, 1, conv_bias=True,
                              norm_op=nn.InstanceNorm2d, norm_op_kwargs={"eps": 1e-5, "affine": True},
                              nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
 
@@ -81,7 +81,8 @@ class ImageSkip(nn.Module):
 
 
 class TokenAggregationDecoder(nn.Module):
-    """(B, in_channels, H/16, W/16) feature map [+ (B, image_channels, H, W) image] -> (B, num_classes, H, W) logits."""
+    """(B, in_channels, H/16, W/16) feature map [+ (B, image_channels, H, W) image] -> (B, num_classes, H, W) logits.
+    The image is required with an image skip and ignored without one."""
 
     # nnU-Net toggles `network.decoder.deep_supervision`; this decoder has a single output either way.
     deep_supervision = False

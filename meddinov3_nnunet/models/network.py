@@ -95,7 +95,6 @@ class MedDINOv3Net(TokenSegmentationNet):
         self.tap_blocks = checked_tap_blocks(tap_blocks, depth)
         self.channel_adapter = ChannelAdapter(in_channels, encoder.arch.in_chans)
         self.encoder = encoder
-        self.image_skip = image_skip
         self.decoder = TokenAggregationDecoder(len(self.tap_blocks) * encoder.arch.embed_dim, num_classes,
                                                encoder.arch.patch_size, in_channels if image_skip else 0)
         use_packed_linears(self)
@@ -121,7 +120,7 @@ class MedDINOv3Net(TokenSegmentationNet):
         grid = (x.shape[0], x.shape[-2] // self.encoder.patch_size, x.shape[-1] // self.encoder.patch_size, -1)
         # concatenated channels-last (B, h, w, taps * D), handed to the decoder as an NCHW view without a copy
         features = torch.cat([t.reshape(grid) for t in tokens], dim=-1)
-        return self.decoder(features.permute(0, 3, 1, 2), x if self.image_skip else None)
+        return self.decoder(features.permute(0, 3, 1, 2), x)  # the decoder uses the image only with an image skip
 
 
 def build_network(encoder: EncoderArch | str | DINOv3Encoder = "vit_b16", in_channels: int = 1, num_classes: int = 2,
