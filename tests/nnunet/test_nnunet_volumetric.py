@@ -81,7 +81,7 @@ def test_3d_trainer_resumes_with_c_and_validates_with_val(workspace, smoke_run):
 
 @pytest.mark.parametrize("trainer, configuration", [
     ("MedDINOv3Trainer_S_3d_scratch", "3d_meddinov3"),  # (a) + (b) on the ViT-aware 3D configuration
-    ("MedDINOv3Trainer_S_patch8_skip_scratch", "2d"),  # patch 8 with the image skip
+    ("MedDINOv3Trainer_S_patch8_scratch", "2d"),
     ("nnUNet_Primus_S_Trainer_budget", "3d_fullres"),  # nnU-Net's 3D ViT, the comparison row
 ])
 def test_benchmark_trainer_trains_and_predicts_at_smoke_budget(workspace, trainer, configuration):
