@@ -76,3 +76,33 @@ def test_fit_matches_scikit_learn_balanced_logistic_regression():
     assert np.abs(ours - theirs).max() < 1e-3 * np.abs(theirs).max()
     predicted = (torch.from_numpy(scaled).float() @ probe.weight.T + probe.bias).argmax(1).numpy()
     assert (predicted == reference.predict(scaled)).mean() > 0.999
+
+
+def test_the_featuriser_upsamples_a_few_slices_at_a_time_with_the_numbers_of_the_whole_case(monkeypatch):
+    """A whole case upsampled at once is (Z, 4 x 768, 512, 512) floats for ViT-B on CT: hundreds of GB."""
+    from meddinov3_nnunet.probing.encoders import open_encoder, resolve_blocks, token_maps
+    from meddinov3_nnunet.probing.linear_probe import encoder_featuriser
+
+    torch.set_num_threads(1)
+    encoder, _ = open_encoder("random:vit_tiny16:0")
+    slices = np.random.default_rng(0).normal(size=(5, 40, 48)).astype(np.float32)
+    grid = token_maps(encoder, slices, (32, 32), resolve_blocks(encoder, None))
+    whole_case = torch.nn.functional.interpolate(grid, size=(40, 48), mode="bilinear", align_corners=False)
+    upsampled = []  # leading sizes of every upsampling to the slices' pixels
+    real = torch.nn.functional.interpolate
+
+    def recording(x, *args, **kwargs):
+        out = real(x, *args, **kwargs)
+        if out.shape[-2:] == (40, 48):
+            upsampled.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "interpolate", recording)
+    for chunk in (1, 2, 3):
+        upsampled.clear()
+        features = encoder_featuriser(encoder, 32, upsample_slices=chunk)(slices)
+        first = next(iter(features))
+        assert upsampled == [chunk]  # lazy: the first slice comes before the rest of the case is upsampled
+        chunked = torch.stack([first, *features])
+        assert max(upsampled) <= chunk and sum(upsampled) == 5
+        assert torch.equal(chunked, whole_case), chunk
