@@ -30,11 +30,9 @@ from meddinov3_nnunet.nnunet import precision
 from meddinov3_nnunet.nnunet.finetune import FinetuneRecipe, WarmupLinearDecay, build_optimizer
 from meddinov3_nnunet.errors import InputError
 from meddinov3_nnunet.models.checkpoints import CheckpointError, SizeMismatchError, load_into, read_checkpoint
-from meddinov3_nnunet.models.encoder import build_encoder
 from meddinov3_nnunet.models.network import MedDINOv3Net, build_network
 from meddinov3_nnunet.models.patch_size import with_patch_size
 from meddinov3_nnunet.models.presets import EncoderArch, preset
-from meddinov3_nnunet.models.volumetric import ProjectedMedDINOv3Net
 from meddinov3_nnunet.nnunet.planning import PLANS_KEY, round_up_to_patch
 
 from .budget import EnvironmentBudget
@@ -50,8 +48,9 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
     tap_blocks = None  # None: last block of each quarter (2, 5, 8, 11 for ViT-B)
     drop_path_rate = 0.2  # MedDINOv3's trainer: vit_base(drop_path_rate=0.2), DINOv3's batch-subset form, every block
     encoder_patch_size = 16  # 8: finer tokens, patch embedding resampled from the patch-16 weights at load
-    decoder = "aggregation"  # or "projected" (1x1 projection of the taps to the embedding width, FlexiCT)
+    decoder = "aggregation"  # "projected" (1x1 projection of the taps, FlexiCT), "hybrid" (conv pyramid beside the ViT)
     image_skip = False  # True: the decoder also sees the image at full resolution (conv skip, beyond the paper)
+    vit_tokens = True  # False: ablation of the hybrid without the ViT (zeros in place of its tokens)
     layerscale_init = None  # None: the preset's start (1e-5); only a random encoder keeps it, weights overwrite it
 
     # encoder initialisation: "required" (error without weights), "optional" (random if none), "none"
@@ -109,7 +108,7 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> MedDINOv3Net:
-        network = cls.build_plain_network(num_input_channels, num_output_channels)
+        network = cls.build_plain_network(num_input_channels, num_output_channels, configuration_manager)
         # also what nnUNetv2_predict gets: it rebuilds the network through this method
         network.autocast_dtypes = precision.autocast_dtypes()
         print(f"{cls.__name__}: " + "; ".join(precision.resolve(device_type).describe()
@@ -122,15 +121,18 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
         return arch if cls.layerscale_init is None else arch.replace(layerscale_init=cls.layerscale_init)
 
     @classmethod
-    def build_plain_network(cls, num_input_channels: int, num_output_channels: int) -> MedDINOv3Net:
-        """The network the class attributes describe (the 3D trainers override this)."""
+    def build_plain_network(cls, num_input_channels: int, num_output_channels: int,
+                            configuration_manager: ConfigurationManager | None = None) -> MedDINOv3Net:
+        """The network the class attributes describe (the 3D trainers override this). With the configuration,
+        a hybrid's conv path is checked against its patch size."""
         arch = cls.encoder_arch()
-        if cls.decoder == "projected":
-            return ProjectedMedDINOv3Net(build_encoder(arch, drop_path_rate=cls.drop_path_rate), num_input_channels,
-                                         num_output_channels, tap_blocks=cls.tap_blocks, image_skip=cls.image_skip)
-        return build_network(arch, in_channels=num_input_channels, num_classes=num_output_channels,
-                             multiscale=cls.multiscale, tap_blocks=cls.tap_blocks, drop_path_rate=cls.drop_path_rate,
-                             image_skip=cls.image_skip)
+        network = build_network(arch, in_channels=num_input_channels, num_classes=num_output_channels,
+                                multiscale=cls.multiscale, tap_blocks=cls.tap_blocks,
+                                drop_path_rate=cls.drop_path_rate, image_skip=cls.image_skip, decoder=cls.decoder,
+                                vit_tokens=cls.vit_tokens)
+        if cls.decoder == "hybrid" and configuration_manager is not None:
+            network.decoder.path.check_patch(configuration_manager.patch_size)
+        return network
 
     def _plain_network(self) -> MedDINOv3Net:
         network = self.network.module if isinstance(self.network, DistributedDataParallel) else self.network
@@ -222,7 +224,8 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
             stack.extend(trainer.__subclasses__())
             if accept(trainer) and trainer.build_plain_network.__func__ is cls.build_plain_network.__func__ \
                     and trainer.decoder == cls.decoder and trainer.multiscale == cls.multiscale \
-                    and trainer.encoder_patch_size == cls.encoder_patch_size and trainer.image_skip == cls.image_skip:
+                    and trainer.encoder_patch_size == cls.encoder_patch_size and trainer.image_skip == cls.image_skip \
+                    and trainer.vit_tokens == cls.vit_tokens:
                 found.add(trainer.__name__)
         return sorted(found, key=lambda name: (name != preferred, len(name), name))
 

@@ -31,14 +31,6 @@ class MedDINOv3Trainer_scratch(FromScratch, MedDINOv3Trainer):
     """Ablation: ViT-B/16 from scratch."""
 
 
-class MedDINOv3Trainer_S_scratch(FromScratch, MedDINOv3Trainer_S):
-    """ViT-S/16 from scratch (CPU benchmark rows)."""
-
-
-class MedDINOv3Trainer_S_singlescale_scratch(MedDINOv3Trainer_S_scratch):
-    multiscale = False
-
-
 class DINOv3Trainer(MedDINOv3Trainer):
     """Meta's natural-image DINOv3 ViT-B/16 weights (registers kept), encoder lr 1e-4."""
     encoder_flavour = "meta"
@@ -60,18 +52,6 @@ class MedDINOv3Trainer_tiny(MedDINOv3Trainer):
 
 class MedDINOv3Trainer_tiny_scratch(FromScratch, MedDINOv3Trainer_tiny):
     """Tiny encoder from scratch (the benchmark's comparison row for the pretrained tiny encoder)."""
-
-
-class MedDINOv3Trainer_tiny_enclr3e4(MedDINOv3Trainer_tiny):
-    """Pretraining ablation: a pretrained tiny encoder at the from-scratch encoder lr 3e-4 (the paper's recipe uses
-    3e-5 for pretrained weights), so that against `MedDINOv3Trainer_tiny_scratch_ls1` only the initialisation differs."""
-    recipe = FinetuneRecipe(encoder_lr=3e-4)
-
-
-class MedDINOv3Trainer_tiny_scratch_ls1(MedDINOv3Trainer_tiny_scratch):
-    """Pretraining ablation: random tiny encoder whose LayerScale starts at 1.0, where the tiny_cpu pretraining starts
-    (the preset's random start is 1e-5)."""
-    layerscale_init = 1.0
 
 
 class SmokeBudget:

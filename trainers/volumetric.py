@@ -8,13 +8,14 @@ same encoder files as the 2D ones (strictly; patch 8 resamples the patch embeddi
 from __future__ import annotations
 
 import torch
-from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
+from meddinov3_nnunet.models.decoder import ConvPath
 from meddinov3_nnunet.models.volumetric import VolumetricMedDINOv3Net, build_volumetric_network
 from meddinov3_nnunet.nnunet.planning import round_up_to_patch
 
 from .base import MedDINOv3Trainer
-from .variants import FromScratch, MedDINOv3Trainer_S, MedDINOv3Trainer_tiny, SmokeBudget
+from .variants import MedDINOv3Trainer_S, MedDINOv3Trainer_tiny, SmokeBudget
 
 
 class MedDINOv3Trainer3DBase(MedDINOv3Trainer):
@@ -52,13 +53,27 @@ class MedDINOv3Trainer3DBase(MedDINOv3Trainer):
         return notes + cls.budget_plans(plans, configuration)
 
     @classmethod
-    def build_plain_network(cls, num_input_channels: int, num_output_channels: int) -> VolumetricMedDINOv3Net:
-        if cls.image_skip:
-            raise NotImplementedError(f"{cls.__name__}: the image skip is built for the 2D network only")
+    def conv_path(cls, configuration_manager: ConfigurationManager | None) -> ConvPath:
+        """The 3D hybrid's conv pyramid: the plans' kernels, depth strides and widths (`ConvPath.from_plans`);
+        without a configuration (tests) nnU-Net's isotropic default."""
+        if configuration_manager is None:
+            return ConvPath.default(cls.encoder_patch_size, ndim=3)
+        arch = configuration_manager.network_arch_init_kwargs
+        path = ConvPath.from_plans(cls.encoder_patch_size, arch["kernel_sizes"], arch["strides"],
+                                   arch.get("features_per_stage"))
+        path.check_patch(configuration_manager.patch_size)
+        return path
+
+    @classmethod
+    def build_plain_network(cls, num_input_channels: int, num_output_channels: int,
+                            configuration_manager: ConfigurationManager | None = None) -> VolumetricMedDINOv3Net:
+        """``image_skip`` in 3D is the hybrid decoder: its conv path's first level is the full-resolution skip."""
         arch = cls.encoder_arch()
+        decoder = "hybrid" if cls.image_skip else cls.decoder
         return build_volumetric_network(arch, num_input_channels, num_output_channels, context=cls.context,
-                                        mix_slices=cls.mix_slices, tap_blocks=cls.tap_blocks, decoder=cls.decoder,
-                                        drop_path_rate=cls.drop_path_rate)
+                                        mix_slices=cls.mix_slices, tap_blocks=cls.tap_blocks, decoder=decoder,
+                                        drop_path_rate=cls.drop_path_rate, vit_tokens=cls.vit_tokens,
+                                        conv_path=cls.conv_path(configuration_manager) if decoder == "hybrid" else None)
 
 
 # -- 3D: ViT-B (MedDINOv3 CT-3M weights) -------------------------------------------------------------
@@ -92,7 +107,7 @@ class MedDINOv3Trainer_skip(MedDINOv3Trainer):
     image_skip = True
 
 
-# -- ViT-S and from-scratch forms (CPU benchmark rows) -----------------------------------------------
+# -- ViT-S forms (weights required; from-scratch benchmark forms in benchmark_rows.py) ----------------------
 class MedDINOv3Trainer_S_3d(MedDINOv3Trainer_3d):
     encoder_preset, weights_hint = MedDINOv3Trainer_S.encoder_preset, MedDINOv3Trainer_S.weights_hint
 
@@ -107,48 +122,6 @@ class MedDINOv3Trainer_S_patch8(MedDINOv3Trainer_patch8):
 
 class MedDINOv3Trainer_S_proj(MedDINOv3Trainer_proj):
     encoder_preset, weights_hint = MedDINOv3Trainer_S.encoder_preset, MedDINOv3Trainer_S.weights_hint
-
-
-class MedDINOv3Trainer_3d_scratch(FromScratch, MedDINOv3Trainer_3d):
-    pass
-
-
-class MedDINOv3Trainer_S_3d_scratch(FromScratch, MedDINOv3Trainer_S_3d):
-    pass
-
-
-class MedDINOv3Trainer_S_25d_scratch(FromScratch, MedDINOv3Trainer_S_25d):
-    pass
-
-
-class MedDINOv3Trainer_S_slicemix_scratch(FromScratch, MedDINOv3Trainer_slicemix):
-    encoder_preset = "vit_s16"
-
-
-class MedDINOv3Trainer_S_patch8_scratch(FromScratch, MedDINOv3Trainer_S_patch8):
-    pass
-
-
-class MedDINOv3Trainer_S_patch4_scratch(FromScratch, MedDINOv3Trainer_S_patch8):
-    """Benchmark row beyond issue 9: patch 4 (16x the tokens of patch 16), decoder with two 2x stages."""
-    encoder_patch_size = 4
-
-
-class MedDINOv3Trainer_S_skip_scratch(FromScratch, MedDINOv3Trainer_skip):
-    encoder_preset, weights_hint = MedDINOv3Trainer_S.encoder_preset, MedDINOv3Trainer_S.weights_hint
-
-
-class MedDINOv3Trainer_S_patch8_skip_scratch(MedDINOv3Trainer_S_patch8_scratch):
-    """Benchmark row: patch 8 + the image skip (lost to both alone in its one run; no user trainer)."""
-    image_skip = True
-
-
-class MedDINOv3Trainer_S_patch4_skip_scratch(MedDINOv3Trainer_S_patch4_scratch):
-    image_skip = True
-
-
-class MedDINOv3Trainer_S_proj_scratch(FromScratch, MedDINOv3Trainer_S_proj):
-    pass
 
 
 class MedDINOv3Trainer_3d_smoke(SmokeBudget, MedDINOv3Trainer_3d):

@@ -20,10 +20,15 @@ stages compute it that way on channels-last tensors: same parameters and state d
 modules, but a GEMM instead of PyTorch's transposed-convolution kernels (several times slower on small maps)
 and the channel LayerNorm on contiguous channels. Stages hand each other NCHW-shaped views of channels-last
 memory, so no layout copies happen between them.
+
+Every decoder design lives here, built by `build_decoder`: ``aggregation`` (the paper's), ``projected`` (FlexiCT's
+Primus v2: a 1x1 projection of the taps first) and ``hybrid`` (`HybridDecoder`: a U-Net decoder whose skips come
+from a convolutional pyramid on the image beside the ViT, 2D or 3D).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
@@ -53,14 +58,29 @@ class UpsampleStage(nn.Sequential):
         y = packed_linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1).t(), bias, self,
                           sources=(conv.weight, conv.bias))
         y = y.reshape(b, h, w, c_out, 2, 2).permute(0, 1, 4, 2, 5, 3).reshape(b, 2 * h, 2 * w, c_out)
-        y = act(F.layer_norm(y, norm.normalized_shape, norm.weight, norm.bias, norm.eps))
+        if y.dtype == torch.bfloat16 and torch.is_autocast_enabled(y.device.type):
+            # CUDA autocast would run the norm (and so the GELU) in fp32 and keep fp32 maps at up to full resolution
+            # for backward. The kernels accumulate in fp32 anyway and the next layer reads bf16, so under bf16 (fp32's
+            # range) both stay bf16, as CPU autocast already runs them; CUDA's kernel wants bf16 affine parameters.
+            weight, bias = norm.weight, norm.bias
+            if y.device.type != "cpu":
+                weight, bias = weight.to(y.dtype), bias.to(y.dtype)
+            with torch.autocast(y.device.type, enabled=False):
+                y = act(F.layer_norm(y, norm.normalized_shape, weight, bias, norm.eps))
+        else:
+            y = act(F.layer_norm(y, norm.normalized_shape, norm.weight, norm.bias, norm.eps))
         return y.permute(0, 3, 1, 2)
 
 
-def nnunet_conv_blocks(in_channels: int, out_channels: int) -> StackedConvBlocks:
-    """2 x (3x3 conv -> InstanceNorm -> LeakyReLU), the stage block of nnU-Net's 2D U-Net."""
-    return StackedConvBlocks(2, nn.Conv2d, in_channels, out_channels, 3, 1, conv_bias=True,
-                             norm_op=nn.InstanceNorm2d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+CONV_OPS = {2: (nn.Conv2d, nn.ConvTranspose2d, nn.InstanceNorm2d), 3: (nn.Conv3d, nn.ConvTranspose3d, nn.InstanceNorm3d)}
+
+
+def nnunet_conv_blocks(in_channels: int, out_channels: int, ndim: int = 2, kernel_size=3,
+                       stride=1) -> StackedConvBlocks:
+    """2 x (conv -> InstanceNorm -> LeakyReLU), the stage block of nnU-Net's U-Nets (the first conv strided)."""
+    conv, _, norm = CONV_OPS[ndim]
+    return StackedConvBlocks(2, conv, in_channels, out_channels, kernel_size, stride, conv_bias=True,
+                             norm_op=norm, norm_op_kwargs={"eps": 1e-5, "affine": True},
                              nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
 
 
@@ -111,3 +131,167 @@ class TokenAggregationDecoder(nn.Module):
         logits = packed_linear(x, self.head.weight.flatten(1), self.head.bias, self,
                                sources=(self.head.weight, self.head.bias))  # the 1x1 head as a matrix product
         return logits.permute(0, 3, 1, 2).contiguous()
+
+
+class ProjectedDecoder(nn.Module):
+    """Primus-v2-style decoder (FlexiCT): the concatenated taps go through a 1x1 convolution back to the
+    embedding width and a channel LayerNorm, then ``log2(patch)`` 2x stages halve the channels from there
+    (ViT-S: 1536 -> 384 -> 192 -> 96 -> 48 -> 24 -> classes), about 20x fewer decoder parameters."""
+
+    deep_supervision = False
+
+    def __init__(self, in_channels: int, embed_dim: int, num_classes: int, patch_size: int = 16,
+                 image_skip_channels: int = 0):
+        super().__init__()
+        self.projection = nn.Sequential(nn.Conv2d(in_channels, embed_dim, kernel_size=1, bias=False),
+                                        LayerNorm2d(embed_dim))
+        self.upsample = TokenAggregationDecoder(embed_dim, num_classes, patch_size, image_skip_channels)
+
+    def forward(self, features: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        return self.upsample(self.projection(features), image)
+
+
+@dataclass(frozen=True)
+class ConvPath:
+    """The convolutional pyramid beside the ViT: level 0 at the input resolution, level l at 1/2^l in-plane,
+    levels 0 .. log2(patch) - 1 (the ViT's tokens are the level below the last).
+
+    ``strides[l]``: stride into level l (level 0: all ones), ``kernels[l]``: its conv kernel, ``widths[l]``: its
+    channels. In 3D the depth strides may be 1 (anisotropic plans); in-plane strides are always 2, so level l
+    meets the per-slice decoder's in-plane resolution."""
+
+    widths: tuple[int, ...]
+    kernels: tuple[tuple[int, ...], ...]
+    strides: tuple[tuple[int, ...], ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.kernels[0])
+
+    @property
+    def total_stride(self) -> tuple[int, ...]:
+        return tuple(math.prod(s[axis] for s in self.strides) for axis in range(self.ndim))
+
+    @classmethod
+    def default(cls, patch_size: int, ndim: int = 2, max_width: int = 320) -> "ConvPath":
+        """nnU-Net's default pyramid: widths 32, 64, 128, 256 (capped at ``max_width``), 3x3(x3) kernels,
+        stride 2 on every axis from level 1 on."""
+        levels = _levels(patch_size)
+        return cls(tuple(min(32 * 2 ** level, max_width) for level in range(levels)),
+                   tuple((3,) * ndim for _ in range(levels)),
+                   tuple((1 if level == 0 else 2,) * ndim for level in range(levels)))
+
+    @classmethod
+    def from_plans(cls, patch_size: int, conv_kernel_sizes, pool_strides, widths=None) -> "ConvPath":
+        """3D pyramid from an nnU-Net plan's ``conv_kernel_sizes`` / ``strides`` (axis order D, H, W): the plans'
+        kernels and depth strides, in-plane strides 2 (where a plan pools an in-plane axis later, the pyramid
+        still halves it at each level so that it meets the ViT decoder)."""
+        levels = _levels(patch_size)
+        if len(conv_kernel_sizes) < levels or len(pool_strides) < levels:
+            raise ValueError(f"the plans have {len(conv_kernel_sizes)} stages; the conv path of a patch-"
+                             f"{patch_size} ViT needs {levels}")
+        kernels = tuple(tuple(int(k) for k in conv_kernel_sizes[level]) for level in range(levels))
+        strides = tuple((1,) * len(kernels[0]) if level == 0 else
+                        (int(pool_strides[level][0]),) + (2,) * (len(kernels[0]) - 1) for level in range(levels))
+        widths = tuple(int(w) for w in widths[:levels]) if widths is not None else cls.default(patch_size).widths
+        return cls(widths, kernels, strides)
+
+    def check_patch(self, spatial_shape) -> None:
+        """`ValueError` unless every axis of ``spatial_shape`` is divisible by the pyramid's total stride."""
+        bad = [(size, stride) for size, stride in zip(spatial_shape, self.total_stride) if size % stride]
+        if bad:
+            raise ValueError(f"patch size {list(spatial_shape)} is not divisible by the conv path's total stride "
+                             f"{list(self.total_stride)}; choose a patch size that is (nnU-Net's own plans are)")
+
+
+def _levels(patch_size: int) -> int:
+    levels = int(math.log2(patch_size))
+    if 2 ** levels != patch_size or levels < 1:
+        raise ValueError(f"patch size {patch_size} is not a power of two >= 2")
+    return levels
+
+
+class ConvPyramid(nn.Module):
+    """nnU-Net encoder stages on the input image: one feature map per level of a `ConvPath`."""
+
+    def __init__(self, in_channels: int, path: ConvPath):
+        super().__init__()
+        channels = (in_channels,) + path.widths
+        self.stages = nn.ModuleList(nnunet_conv_blocks(channels[level], channels[level + 1], path.ndim,
+                                                       path.kernels[level], path.strides[level])
+                                    for level in range(len(path.widths)))
+
+    def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
+        features, x = [], image
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+
+class HybridDecoder(nn.Module):
+    """U-Net decoder with a ViT at the bottom (UNETR's skips, PrimusV3's stem resolutions), 2D or 3D.
+
+    The concatenated normed taps (B, F, [D,] H/p, W/p) enter below the pyramid's last level; each step up is a
+    transposed convolution (kernel = stride, as nnU-Net's decoder) to the level's width, concatenated with the
+    `ConvPyramid`'s map of that level and fused by an nnU-Net stage block; a 1x1 conv gives the logits at the input
+    resolution. In 3D the tokens come one per slice: they are averaged over the depth stride of the pyramid's last
+    level first (no parameters), so that they meet it. Generalises `ImageSkip` (level 0 alone).
+    ``tokens=False`` is the ablation without the ViT: zeros in the tokens' place, the same convolutions."""
+
+    deep_supervision = False
+
+    def __init__(self, token_channels: int, image_channels: int, num_classes: int, path: ConvPath):
+        super().__init__()
+        self.path = path
+        conv, transposed, _ = CONV_OPS[path.ndim]
+        self.pyramid = ConvPyramid(image_channels, path)
+        levels = len(path.widths)
+        inputs = path.widths[1:] + (token_channels,)
+        into_token_grid = (1,) * (path.ndim - 2) + (2, 2)  # tokens are pooled in depth first (3D)
+        ups = [path.strides[level + 1] if level + 1 < levels else into_token_grid for level in range(levels)]
+        self.up = nn.ModuleList(transposed(inputs[level], path.widths[level], ups[level], ups[level], bias=False)
+                                for level in range(levels))
+        self.fuse = nn.ModuleList(nnunet_conv_blocks(2 * path.widths[level], path.widths[level], path.ndim,
+                                                     path.kernels[level]) for level in range(levels))
+        self.head = conv(path.widths[0], num_classes, kernel_size=1)
+        self.token_depth_pool = path.total_stride[0] if path.ndim == 3 else 1
+        self.apply(InitWeights_He(1e-2))
+
+    def forward(self, features: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        if image is None:
+            raise ValueError("the hybrid decoder needs the input image for its conv path")
+        skips = self.pyramid(image)
+        x = features
+        if self.token_depth_pool > 1:
+            x = F.avg_pool3d(x, (self.token_depth_pool, 1, 1))
+        for level in reversed(range(len(self.up))):
+            x = self.up[level](x)
+            skip = skips[level]
+            if x.shape[2:] != skip.shape[2:]:
+                raise ValueError(f"hybrid decoder: tokens upsampled to {tuple(x.shape[2:])} meet a conv map of "
+                                 f"{tuple(skip.shape[2:])} at level {level}; the patch size must be divisible by the "
+                                 f"conv path's total stride {list(self.path.total_stride)}")
+            x = self.fuse[level](torch.cat([x, skip.to(x.dtype)], dim=1))
+        return self.head(x)
+
+
+DECODERS = ("aggregation", "projected", "hybrid")
+
+
+def build_decoder(kind: str, num_taps: int, embed_dim: int, num_classes: int, patch_size: int,
+                  image_channels: int = 0, image_skip: bool = False, conv_path: ConvPath | None = None) -> nn.Module:
+    """A decoder for ``num_taps`` concatenated taps of width ``embed_dim``. ``image_skip`` (aggregation and projected):
+    the full-resolution `ImageSkip` on the ``image_channels`` input channels; ``hybrid``: `HybridDecoder` with
+    ``conv_path`` (default: `ConvPath.default` in 2D)."""
+    skip_channels = image_channels if image_skip else 0
+    if kind == "aggregation":
+        return TokenAggregationDecoder(num_taps * embed_dim, num_classes, patch_size, skip_channels)
+    if kind == "projected":
+        return ProjectedDecoder(num_taps * embed_dim, embed_dim, num_classes, patch_size, skip_channels)
+    if kind == "hybrid":
+        if image_skip:
+            raise ValueError("the hybrid decoder's conv path already starts at full resolution: no image skip")
+        return HybridDecoder(num_taps * embed_dim, image_channels, num_classes,
+                             conv_path or ConvPath.default(patch_size))
+    raise ValueError(f"unknown decoder {kind!r}; choose one of {DECODERS}")

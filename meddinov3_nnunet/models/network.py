@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .cpu_inference import use_packed_linears
-from .decoder import TokenAggregationDecoder
+from .decoder import ConvPath, build_decoder
 from .encoder import DINOv3Encoder, build_encoder, check_image_size
 from .presets import EncoderArch, default_tap_blocks, preset
 
@@ -82,12 +82,15 @@ class MedDINOv3Net(TokenSegmentationNet):
     ``autocast_dtypes`` (a plain attribute, not in the state dict) maps a device type to the dtype each forward
     autocasts to there (None: fp32, autocast off), whatever autocast context the caller has open; device types
     not in it follow the caller. The logits are then returned in float32. `decoder_parameters`: decoder and
-    channel adapter. ``image_skip``: the decoder also sees the input image at full resolution (`ImageSkip`; all
-    input channels, before the channel adapter).
+    channel adapter. ``decoder``: a kind of `build_decoder` (the paper's ``aggregation``, ``projected``, ``hybrid``
+    with its conv path beside the ViT). ``image_skip``: the decoder also sees the input image at full resolution
+    (`ImageSkip`; all input channels, before the channel adapter). ``vit_tokens=False`` (ablation): zeros in place
+    of the ViT's tokens, the encoder neither runs nor trains (its weights stay, so checkpoints keep their layout).
     """
 
     def __init__(self, encoder: DINOv3Encoder, in_channels: int, num_classes: int,
-                 multiscale: bool = True, tap_blocks: Sequence[int] | None = None, image_skip: bool = False):
+                 multiscale: bool = True, tap_blocks: Sequence[int] | None = None, image_skip: bool = False,
+                 decoder: str = "aggregation", conv_path: ConvPath | None = None, vit_tokens: bool = True):
         super().__init__()
         depth = encoder.arch.depth
         if tap_blocks is None:
@@ -95,8 +98,12 @@ class MedDINOv3Net(TokenSegmentationNet):
         self.tap_blocks = checked_tap_blocks(tap_blocks, depth)
         self.channel_adapter = ChannelAdapter(in_channels, encoder.arch.in_chans)
         self.encoder = encoder
-        self.decoder = TokenAggregationDecoder(len(self.tap_blocks) * encoder.arch.embed_dim, num_classes,
-                                               encoder.arch.patch_size, in_channels if image_skip else 0)
+        encoder.mask_token.requires_grad_(False)  # iBOT's (pretraining): unused here, DDP fails on unused parameters
+        self.decoder = build_decoder(decoder, len(self.tap_blocks), encoder.arch.embed_dim, num_classes,
+                                     encoder.arch.patch_size, in_channels, image_skip, conv_path)
+        self.vit_tokens = vit_tokens
+        if not vit_tokens:
+            encoder.requires_grad_(False)
         use_packed_linears(self)
 
     def check_input(self, x: torch.Tensor) -> None:
@@ -116,17 +123,30 @@ class MedDINOv3Net(TokenSegmentationNet):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        tokens = self.encoder.get_intermediate_layers(self.channel_adapter(x), n=self.tap_blocks, norm=True)
         grid = (x.shape[0], x.shape[-2] // self.encoder.patch_size, x.shape[-1] // self.encoder.patch_size, -1)
+        if not self.vit_tokens:
+            width = len(self.tap_blocks) * self.encoder.arch.embed_dim
+            return self.decoder(x.new_zeros(grid[:3] + (width,)).permute(0, 3, 1, 2), x)
+        tokens = self.encoder.get_intermediate_layers(self.channel_adapter(x), n=self.tap_blocks, norm=True)
         # concatenated channels-last (B, h, w, taps * D), handed to the decoder as an NCHW view without a copy
         features = torch.cat([t.reshape(grid) for t in tokens], dim=-1)
-        return self.decoder(features.permute(0, 3, 1, 2), x)  # the decoder uses the image only with an image skip
+        return self.decoder(features.permute(0, 3, 1, 2), x)  # the decoder uses the image only with a conv path
+
+
+class ProjectedMedDINOv3Net(MedDINOv3Net):
+    """The 2D network with the projected decoder instead of the paper's."""
+
+    def __init__(self, encoder: DINOv3Encoder, in_channels: int, num_classes: int,
+                 tap_blocks: Sequence[int] | None = None, image_skip: bool = False):
+        super().__init__(encoder, in_channels, num_classes, multiscale=True, tap_blocks=tap_blocks,
+                         image_skip=image_skip, decoder="projected")
 
 
 def build_network(encoder: EncoderArch | str | DINOv3Encoder = "vit_b16", in_channels: int = 1, num_classes: int = 2,
                   multiscale: bool = True, tap_blocks: Sequence[int] | None = None, flavour: str = "meddinov3",
                   drop_path_rate: float = 0.0, drop_path_mode: str = "batch_subset",
-                  image_skip: bool = False) -> MedDINOv3Net:
+                  image_skip: bool = False, decoder: str = "aggregation", conv_path: ConvPath | None = None,
+                  vit_tokens: bool = True) -> MedDINOv3Net:
     """Network with a random encoder from a preset name / `EncoderArch`, or around a given encoder
     (whose drop path is then kept)."""
     if isinstance(encoder, str):
@@ -134,4 +154,4 @@ def build_network(encoder: EncoderArch | str | DINOv3Encoder = "vit_b16", in_cha
     if isinstance(encoder, EncoderArch):
         encoder = build_encoder(encoder, drop_path_rate=drop_path_rate, drop_path_mode=drop_path_mode)
     return MedDINOv3Net(encoder, in_channels, num_classes, multiscale=multiscale, tap_blocks=tap_blocks,
-                        image_skip=image_skip)
+                        image_skip=image_skip, decoder=decoder, conv_path=conv_path, vit_tokens=vit_tokens)

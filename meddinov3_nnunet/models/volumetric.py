@@ -15,7 +15,9 @@ checkpoint):
   the neighbouring slices (depthwise convolution along D, then a linear layer that starts at zero), so the
   next blocks and the decoder see depth context; at step 0 the network equals the per-slice 2D network.
 
-The decoder is the 2D one (multi-scale aggregation, or the projected one), run per slice.
+The decoder is the 2D one (multi-scale aggregation, or the projected one), run per slice, or the 3D ``hybrid``
+(`HybridDecoder`): a 3D U-Net decoder whose skips come from a 3D conv pyramid on the patch (nnU-Net's stage blocks
+with the plans' kernels and depth strides), so depth enters at the pixel level where boundaries are drawn.
 """
 from __future__ import annotations
 
@@ -26,53 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cpu_inference import use_packed_linears
-from .decoder import TokenAggregationDecoder
+from .decoder import ConvPath, build_decoder
 from .encoder import DINOv3Encoder, build_encoder, check_image_size
-from .network import MedDINOv3Net, TokenSegmentationNet, checked_tap_blocks
+from .network import TokenSegmentationNet, checked_tap_blocks
 from .presets import EncoderArch, default_tap_blocks, preset
-
-DECODERS = ("aggregation", "projected")
-
-
-class ProjectedDecoder(nn.Module):
-    """Primus-v2-style decoder (FlexiCT): the concatenated taps go through a 1x1 convolution back to the
-    embedding width and a channel LayerNorm, then ``log2(patch)`` 2x stages halve the channels from there
-    (ViT-S: 1536 -> 384 -> 192 -> 96 -> 48 -> 24 -> classes), about 20x fewer decoder parameters."""
-
-    deep_supervision = False
-
-    def __init__(self, in_channels: int, embed_dim: int, num_classes: int, patch_size: int = 16,
-                 image_skip_channels: int = 0):
-        super().__init__()
-        from timm.layers import LayerNorm2d
-
-        self.projection = nn.Sequential(nn.Conv2d(in_channels, embed_dim, kernel_size=1, bias=False),
-                                        LayerNorm2d(embed_dim))
-        self.upsample = TokenAggregationDecoder(embed_dim, num_classes, patch_size, image_skip_channels)
-
-    def forward(self, features: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
-        return self.upsample(self.projection(features), image)
-
-
-def build_decoder(kind: str, num_taps: int, embed_dim: int, num_classes: int, patch_size: int,
-                  image_skip_channels: int = 0) -> nn.Module:
-    """``image_skip_channels > 0``: the decoder also takes the input image (see `ImageSkip`)."""
-    if kind == "aggregation":
-        return TokenAggregationDecoder(num_taps * embed_dim, num_classes, patch_size, image_skip_channels)
-    if kind == "projected":
-        return ProjectedDecoder(num_taps * embed_dim, embed_dim, num_classes, patch_size, image_skip_channels)
-    raise ValueError(f"unknown decoder {kind!r}; choose one of {DECODERS}")
-
-
-class ProjectedMedDINOv3Net(MedDINOv3Net):
-    """The 2D network with the projected decoder instead of the paper's."""
-
-    def __init__(self, encoder: DINOv3Encoder, in_channels: int, num_classes: int,
-                 tap_blocks: Sequence[int] | None = None, image_skip: bool = False):
-        super().__init__(encoder, in_channels, num_classes, multiscale=True, tap_blocks=tap_blocks,
-                         image_skip=image_skip)
-        self.decoder = build_decoder("projected", len(self.tap_blocks), encoder.arch.embed_dim, num_classes,
-                                     encoder.arch.patch_size, in_channels if image_skip else 0)
 
 
 def slices_with_neighbours(volume: torch.Tensor, context: int) -> torch.Tensor:
@@ -145,25 +104,41 @@ class VolumetricMedDINOv3Net(TokenSegmentationNet):
     """Logits (B, K, D, H, W) for patches (B, C, D, H, W); H and W multiples of the encoder's patch size.
 
     ``autocast_dtypes``: as `MedDINOv3Net` (device type -> autocast dtype of each forward, None: fp32).
-    `decoder_parameters`: decoder, slice mixers and slice input."""
+    `decoder_parameters`: decoder, slice mixers and slice input. ``decoder="hybrid"`` with ``conv_path`` (a 3D
+    `ConvPath`, e.g. `ConvPath.from_plans`): the 3D `HybridDecoder`; ``vit_tokens=False``: its ablation without the
+    ViT (zeros in the tokens' place; the encoder neither runs nor trains)."""
 
     def __init__(self, encoder: DINOv3Encoder, in_channels: int, num_classes: int, context: int = 1,
-                 mix_slices: bool = False, tap_blocks: Sequence[int] | None = None, decoder: str = "aggregation"):
+                 mix_slices: bool = False, tap_blocks: Sequence[int] | None = None, decoder: str = "aggregation",
+                 conv_path: ConvPath | None = None, vit_tokens: bool = True):
         super().__init__()
         depth = encoder.arch.depth
         self.tap_blocks = checked_tap_blocks(tap_blocks if tap_blocks is not None else default_tap_blocks(depth), depth)
         self.slice_input = SliceInput(in_channels, context, encoder.arch.in_chans)
         self.encoder = encoder
+        encoder.mask_token.requires_grad_(False)  # iBOT's (pretraining): unused here, DDP fails on unused parameters
         self.mixers = nn.ModuleDict({str(b): SliceMixer(encoder.arch.embed_dim) for b in sorted(set(self.tap_blocks))}
                                     if mix_slices else {})
+        if decoder == "hybrid" and (conv_path is None or conv_path.ndim != 3):
+            raise ValueError("the 3D hybrid decoder needs a 3D conv path (ConvPath.from_plans)")
+        self.volumetric_decoder = decoder == "hybrid"
         self.decoder = build_decoder(decoder, len(self.tap_blocks), encoder.arch.embed_dim, num_classes,
-                                     encoder.arch.patch_size)
+                                     encoder.arch.patch_size, in_channels, conv_path=conv_path)
+        self.vit_tokens = vit_tokens
+        if not vit_tokens:
+            encoder.requires_grad_(False)
         use_packed_linears(self)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_size(x.shape[-2], x.shape[-1], self.encoder.patch_size)
         b, d, (h, w) = x.shape[0], x.shape[2], x.shape[-2:]
         encoder = self.encoder
+        gh, gw = h // encoder.patch_size, w // encoder.patch_size
+        if self.volumetric_decoder:
+            self.decoder.path.check_patch(x.shape[2:])
+        if not self.vit_tokens:
+            zeros = x.new_zeros(b, len(self.tap_blocks) * encoder.arch.embed_dim, d, gh, gw)
+            return self.decoder(zeros, x)
         tokens, rope = encoder.prepare_tokens(self.slice_input(x))
         taken = {}
         for i, block in enumerate(encoder.blocks):
@@ -173,20 +148,24 @@ class VolumetricMedDINOv3Net(TokenSegmentationNet):
             if i in self.tap_blocks:
                 taken[i] = tokens
         prefix = 1 + encoder.n_storage_tokens
-        gh, gw = h // encoder.patch_size, w // encoder.patch_size
         features = [encoder.norm(taken[i])[:, prefix:].reshape(b * d, gh, gw, -1).permute(0, 3, 1, 2)
                     for i in self.tap_blocks]
-        logits = self.decoder(torch.cat(features, dim=1))  # (B*D, K, H, W)
+        features = torch.cat(features, dim=1)
+        if self.volumetric_decoder:  # (B, F, D, h, w) tokens + the 3D patch -> (B, K, D, H, W)
+            return self.decoder(features.view(b, d, *features.shape[1:]).transpose(1, 2), x)
+        logits = self.decoder(features)  # (B*D, K, H, W)
         return logits.view(b, d, *logits.shape[1:]).transpose(1, 2)
 
 
 def build_volumetric_network(encoder: EncoderArch | str | DINOv3Encoder = "vit_b16", in_channels: int = 1,
                              num_classes: int = 2, context: int = 1, mix_slices: bool = False,
                              tap_blocks: Sequence[int] | None = None, decoder: str = "aggregation",
-                             flavour: str = "meddinov3", drop_path_rate: float = 0.0) -> VolumetricMedDINOv3Net:
+                             flavour: str = "meddinov3", drop_path_rate: float = 0.0,
+                             conv_path: ConvPath | None = None, vit_tokens: bool = True) -> VolumetricMedDINOv3Net:
     if isinstance(encoder, str):
         encoder = preset(encoder, flavour)
     if isinstance(encoder, EncoderArch):
         encoder = build_encoder(encoder, drop_path_rate=drop_path_rate)
     return VolumetricMedDINOv3Net(encoder, in_channels, num_classes, context=context, mix_slices=mix_slices,
-                                  tap_blocks=tap_blocks, decoder=decoder)
+                                  tap_blocks=tap_blocks, decoder=decoder, conv_path=conv_path,
+                                  vit_tokens=vit_tokens)

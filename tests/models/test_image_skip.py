@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from meddinov3_nnunet.models.network import build_network
-from meddinov3_nnunet.models.volumetric import ProjectedMedDINOv3Net
+from meddinov3_nnunet.models.network import ProjectedMedDINOv3Net
 
 
 def test_image_skip_sees_every_input_channel_and_leaves_the_encoder_layout_unchanged():
@@ -48,11 +48,12 @@ def test_image_skip_learns_pixel_detail_that_16_pixel_tokens_cannot():
     assert accuracy[False] < 0.65 and accuracy[True] > 0.9, accuracy
 
 
-def test_3d_trainers_refuse_the_image_skip_with_a_clear_message():
+def test_image_skip_on_a_3d_trainer_is_the_3d_hybrid_whose_conv_path_starts_at_full_resolution():
     from meddinov3_nnunet.trainers import MedDINOv3Trainer_3d_smoke
 
     class Smoke3dSkip(MedDINOv3Trainer_3d_smoke):
         image_skip = True
 
-    with pytest.raises(NotImplementedError, match="Smoke3dSkip: the image skip is built for the 2D network only"):
-        Smoke3dSkip.build_plain_network(1, 3)
+    network = Smoke3dSkip.build_plain_network(1, 3)
+    assert type(network.decoder).__name__ == "HybridDecoder" and network.decoder.path.strides[0] == (1, 1, 1)
+    assert network(torch.randn(1, 1, 8, 32, 32)).shape == (1, 3, 8, 32, 32)

@@ -12,7 +12,8 @@ from meddinov3_nnunet.models.encoder import build_encoder
 from meddinov3_nnunet.models.network import MedDINOv3Net
 from meddinov3_nnunet.models.patch_size import PATCH_EMBED_KEY, with_patch_size
 from meddinov3_nnunet.models.presets import preset
-from meddinov3_nnunet.models.volumetric import (ProjectedMedDINOv3Net, SliceInput, build_volumetric_network,
+from meddinov3_nnunet.models.network import ProjectedMedDINOv3Net
+from meddinov3_nnunet.models.volumetric import (SliceInput, build_volumetric_network,
                                                 slices_with_neighbours)
 
 FIXTURES = ("official_dinov3_layout.pth", "meddinov3_teacher_layout.pth")

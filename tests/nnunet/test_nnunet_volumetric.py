@@ -83,6 +83,8 @@ def test_3d_trainer_resumes_with_c_and_validates_with_val(workspace, smoke_run):
     ("MedDINOv3Trainer_S_3d_scratch", "3d_meddinov3"),  # (a) + (b) on the ViT-aware 3D configuration
     ("MedDINOv3Trainer_S_patch8_scratch", "2d"),
     ("nnUNet_Primus_S_Trainer_budget", "3d_fullres"),  # nnU-Net's 3D ViT, the comparison row
+    ("MedDINOv3Trainer_S_hybrid_scratch", "2d"),  # the hybrids through nnUNetv2_train and nnUNetv2_predict
+    ("MedDINOv3Trainer_S_hybrid_3d_scratch", "3d_fullres"),
 ])
 def test_benchmark_trainer_trains_and_predicts_at_smoke_budget(workspace, trainer, configuration):
     train = workspace.run("nnUNetv2_train", 4, configuration, 2, "-tr", trainer, "-device", "cpu", **BUDGET)
@@ -106,6 +108,9 @@ def test_benchmark_trainer_trains_and_predicts_at_smoke_budget(workspace, traine
     ("MedDINOv3Trainer_S_slicemix_scratch", "3d_fullres", [40, 64, 48]),
     ("MedDINOv3Trainer_S_proj_scratch", "2d", [64, 48]),
     ("MedDINOv3Trainer_S_patch4_skip_scratch", "2d", [56, 40]),  # patch 4 + image skip; 56 x 40 fits patch 4
+    ("MedDINOv3Trainer_S_hybrid_novit_scratch", "2d", [64, 48]),  # the hybrids' ablation rows
+    ("MedDINOv3Trainer_S_hybrid_3d_novit_scratch", "3d_fullres", [40, 64, 48]),
+    ("MedDINOv3Trainer_S_patch8_hybrid_scratch", "2d", [56, 40]),
 ])
 def test_design_trainers_are_found_by_nnunet_and_take_a_training_step_on_its_patch(workspace, monkeypatch,
                                                                                    trainer_name, configuration, patch):
@@ -123,11 +128,12 @@ def test_design_trainers_are_found_by_nnunet_and_take_a_training_step_on_its_pat
     assert trainer.configuration_manager.patch_size == patch
     data = torch.randn(2, 1, *patch)
     target = torch.randint(0, 3, (2, 1, *patch)).float()
-    before = [p.detach().clone() for p in trainer.network.parameters()]
+    trained = [p for p in trainer.network.parameters() if p.requires_grad]  # the ablations freeze the encoder
+    before = [p.detach().clone() for p in trained]
     loss = trainer.train_step({"data": data, "target": target})["loss"]
     assert np.isfinite(loss) and loss > 0
     assert trainer.network(data).shape == (2, 3, *patch)
-    moved = sum(not torch.equal(a, b.detach()) for a, b in zip(before, trainer.network.parameters()))
+    moved = sum(not torch.equal(a, b.detach()) for a, b in zip(before, trained))
     assert moved > len(before) // 2
 
 

@@ -1,0 +1,123 @@
+"""The hybrid: a convolutional pyramid beside the ViT, fused into a U-Net decoder (2D and 3D), and its ablation
+without the ViT's tokens."""
+import pytest
+import torch
+
+from meddinov3_nnunet.models.decoder import ConvPath, HybridDecoder
+from meddinov3_nnunet.models.network import build_network
+from meddinov3_nnunet.models.volumetric import build_volumetric_network
+
+ANISOTROPIC_KERNELS = [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
+ANISOTROPIC_STRIDES = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+
+
+def first_convs(decoder: HybridDecoder):
+    return [stage.convs[0].conv for stage in decoder.pyramid.stages]
+
+
+def test_2d_hybrid_sees_every_input_channel_and_leaves_the_encoder_layout_unchanged():
+    torch.manual_seed(0)
+    plain = build_network("vit_tiny16", in_channels=2, num_classes=3)
+    hybrid = build_network("vit_tiny16", in_channels=2, num_classes=3, decoder="hybrid")
+    convs = first_convs(hybrid.decoder)
+    assert [(c.in_channels, c.out_channels, c.stride) for c in convs] == [
+        (2, 32, (1, 1)), (32, 64, (2, 2)), (64, 128, (2, 2)), (128, 256, (2, 2))]  # raw channels, before the adapter
+    assert hybrid.decoder.up[-1].in_channels == 4 * 96  # the concatenated taps enter below level 3
+    assert hybrid.encoder.state_dict().keys() == plain.encoder.state_dict().keys()
+    assert {k: v.shape for k, v in hybrid.encoder.state_dict().items()} == \
+        {k: v.shape for k, v in plain.encoder.state_dict().items()}
+    hybrid.encoder.load_state_dict(plain.encoder.state_dict(), strict=True)  # every checkpoint loads as before
+    pyramid_ids = {id(p) for p in hybrid.decoder.pyramid.parameters()}
+    assert pyramid_ids <= {id(p) for p in hybrid.decoder_parameters()}  # trained at the decoder's learning rate
+    # every input channel reaches the logits through the conv path
+    x = torch.zeros(1, 2, 32, 32, requires_grad=True)
+    hybrid.eval()(x)[:, :, 16, 16].sum().backward()
+    assert (x.grad[0].abs().sum(dim=(1, 2)) > 0).all()
+
+
+@pytest.mark.parametrize("size", [(16, 16), (48, 80), (112, 32)])
+def test_2d_hybrid_on_odd_patch_sizes(size):
+    net = build_network("vit_tiny16", in_channels=1, num_classes=3, decoder="hybrid")
+    assert net(torch.randn(2, 1, *size)).shape == (2, 3, *size)
+
+
+def test_2d_hybrid_refuses_images_its_tokens_do_not_tile():
+    net = build_network("vit_tiny16", in_channels=1, num_classes=3, decoder="hybrid")
+    with pytest.raises(ValueError, match="multiple"):
+        net(torch.randn(1, 1, 40, 32))
+    with pytest.raises(ValueError, match="no image skip"):
+        build_network("vit_tiny16", decoder="hybrid", image_skip=True)
+    with pytest.raises(ValueError, match="needs the input image"):
+        net.decoder(torch.randn(1, 4 * 96, 2, 2))
+
+
+def test_patch8_hybrid_has_three_levels():
+    from meddinov3_nnunet.models.presets import preset
+
+    net = build_network(preset("vit_tiny16", patch_size=8), decoder="hybrid")
+    assert net.decoder.path.widths == (32, 64, 128) and net.decoder.path.total_stride == (4, 4)
+    assert net(torch.randn(1, 1, 24, 40)).shape == (1, 2, 24, 40)
+
+
+def test_conv_path_from_anisotropic_plans_keeps_depth_strides_and_kernels():
+    path = ConvPath.from_plans(16, ANISOTROPIC_KERNELS, ANISOTROPIC_STRIDES, [32, 64, 128, 256, 320])
+    assert path.kernels == ((1, 3, 3), (1, 3, 3), (3, 3, 3), (3, 3, 3))
+    assert path.strides == ((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2))
+    assert path.total_stride == (4, 8, 8) and path.widths == (32, 64, 128, 256)
+    # a plan that pools an in-plane axis later still halves it at each level, so that it meets the ViT decoder
+    late = ConvPath.from_plans(16, [[3, 3, 3]] * 4, [[1, 1, 1], [2, 1, 2], [2, 2, 2], [2, 2, 2]])
+    assert late.strides[1] == (2, 2, 2)
+    with pytest.raises(ValueError, match="the plans have 3 stages; the conv path of a patch-16 ViT needs 4"):
+        ConvPath.from_plans(16, [[3, 3, 3]] * 3, [[1, 1, 1]] + [[2, 2, 2]] * 2)
+
+
+def test_3d_hybrid_with_anisotropic_strides_predicts_every_voxel_of_the_patch():
+    torch.manual_seed(0)
+    path = ConvPath.from_plans(16, ANISOTROPIC_KERNELS, ANISOTROPIC_STRIDES)
+    net = build_volumetric_network("vit_tiny16", in_channels=2, num_classes=3, context=0, decoder="hybrid",
+                                   conv_path=path)
+    convs = first_convs(net.decoder)
+    assert [(c.in_channels, c.kernel_size, c.stride) for c in convs] == [
+        (2, (1, 3, 3), (1, 1, 1)), (32, (1, 3, 3), (1, 2, 2)), (64, (3, 3, 3), (2, 2, 2)), (128, (3, 3, 3), (2, 2, 2))]
+    assert net.decoder.token_depth_pool == 4  # one token map per slice, averaged to the last level's depth
+    x = torch.randn(1, 2, 12, 32, 48, requires_grad=True)
+    out = net(x)
+    assert out.shape == (1, 3, 12, 32, 48)
+    # depth enters at the pixel level: a voxel's logits depend on the neighbouring slices through the 3D convs
+    out[0, :, 6, 16, 16].sum().backward()
+    assert x.grad[0, :, 5].abs().sum() > 0 and x.grad[0, :, 7].abs().sum() > 0
+    assert (x.grad[0].abs().sum(dim=(1, 2, 3)) > 0).all()  # every input channel
+    with pytest.raises(ValueError, match=r"patch size \[10, 32, 48\] is not divisible by the conv path's total "
+                                         r"stride \[4, 8, 8\]"):
+        net(torch.randn(1, 2, 10, 32, 48))
+    with pytest.raises(ValueError, match="needs a 3D conv path"):
+        build_volumetric_network("vit_tiny16", decoder="hybrid")
+
+
+def test_3d_hybrid_leaves_the_encoder_layout_unchanged():
+    plain = build_volumetric_network("vit_tiny16", num_classes=3)
+    hybrid = build_volumetric_network("vit_tiny16", num_classes=3, context=0, decoder="hybrid",
+                                      conv_path=ConvPath.default(16, ndim=3))
+    assert hybrid.encoder.state_dict().keys() == plain.encoder.state_dict().keys()
+    hybrid.encoder.load_state_dict(plain.encoder.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("volumetric", [False, True])
+def test_ablation_without_the_vit_ignores_the_encoder_and_trains_only_the_conv_path(volumetric):
+    torch.manual_seed(0)
+    if volumetric:
+        net = build_volumetric_network("vit_tiny16", num_classes=3, context=0, decoder="hybrid",
+                                       conv_path=ConvPath.default(16, ndim=3), vit_tokens=False)
+        x = torch.randn(1, 1, 8, 32, 32)
+    else:
+        net = build_network("vit_tiny16", num_classes=3, decoder="hybrid", vit_tokens=False)
+        x = torch.randn(2, 1, 32, 32)
+    assert not any(p.requires_grad for p in net.encoder.parameters())
+    before = net(x)
+    with torch.no_grad():
+        for p in net.encoder.parameters():
+            p.add_(1.0)
+    after = net(x)
+    assert torch.equal(before, after)  # zeros in the tokens' place: the encoder's weights cannot matter
+    after.sum().backward()
+    assert all(p.grad is not None for p in net.decoder.parameters())
