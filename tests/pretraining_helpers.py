@@ -100,3 +100,34 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def run_ranks(target, world_size: int = 2, args: tuple = (), collective_timeout_s: float = 30.0) -> None:
+    """``target(rank, *args)`` in ``world_size`` spawned processes set up as torchrun sets them up (RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), each with a gloo default group whose collectives time out after
+    ``collective_timeout_s`` (a stand-in for NCCL's 10 minutes). ``target`` must be a module-level function; an
+    exception in any rank fails the call with that rank's traceback."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_rank_entry, args=(world_size, port, collective_timeout_s, target, args), nprocs=world_size, join=True)
+
+
+def _rank_entry(rank: int, world_size: int, port: int, timeout_s: float, target, args: tuple) -> None:
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+    try:
+        target(rank, *args)
+    finally:
+        dist.destroy_process_group()

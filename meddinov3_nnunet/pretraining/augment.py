@@ -153,15 +153,22 @@ def block_masks(n_images: int, grid: tuple[int, int], probability: float, ratio_
     return stacked
 
 
-def collate(samples: list[dict], patch_size: int, ibot, rng: np.random.Generator) -> dict:
-    """Crop-major batches as DINOv3 (``[crop 0 of every image, crop 1 of every image, ...]``) plus masks."""
+def collate(samples: list[dict], patch_size: int, ibot, rng: np.random.Generator, micro_batches: int = 1) -> dict:
+    """Crop-major batches as DINOv3 (``[crop 0 of every image, crop 1 of every image, ...]``) plus masks. With
+    ``micro_batches`` > 1 (gradient accumulation) each consecutive 1/micro_batches of the images gets its own
+    `block_masks` draw, as the batch of a forward pass does in DINOv3 (`split_batch` cuts them apart)."""
     n_global = samples[0]["global"].shape[0]
     n_local = samples[0]["local"].shape[0]
     global_crops = torch.stack([s["global"][c] for c in range(n_global) for s in samples])
     local_crops = torch.stack([s["local"][c] for c in range(n_local) for s in samples])
     size = global_crops.shape[-1]
-    masks = block_masks(len(global_crops), (size // patch_size, size // patch_size), ibot.mask_sample_probability,
-                        ibot.mask_ratio_min_max, rng)
+    grid = (size // patch_size, size // patch_size)
+    if micro_batches == 1:
+        masks = block_masks(len(global_crops), grid, ibot.mask_sample_probability, ibot.mask_ratio_min_max, rng)
+    else:  # (n_global, images of one micro-batch, N) per draw, joined along the images
+        share = len(samples) // micro_batches
+        masks = torch.cat([block_masks(n_global * share, grid, ibot.mask_sample_probability, ibot.mask_ratio_min_max,
+                                       rng).unflatten(0, (n_global, share)) for _ in range(micro_batches)], 1).flatten(0, 1)
     batch = {
         "global_crops": global_crops,  # (2B, 1, G, G)
         "local_crops": local_crops,  # (L * B, 1, l, l)
@@ -171,3 +178,19 @@ def collate(samples: list[dict], patch_size: int, ibot, rng: np.random.Generator
     if "gram" in samples[0]:
         batch["gram_crops"] = torch.stack([s["gram"][c] for c in range(n_global) for s in samples])
     return batch
+
+
+def split_batch(batch: dict, n_images: int, parts: int) -> list[dict]:
+    """A collated batch of ``n_images`` images cut into ``parts`` micro-batches of consecutive images, each
+    crop-major like the whole, with its own masks and ``mask_indices`` (the batch itself when ``parts`` is 1)."""
+    if parts == 1:
+        return [batch]
+    share = n_images // parts
+    out = []
+    for k in range(parts):
+        images = slice(k * share, (k + 1) * share)
+        micro = {key: batch[key].unflatten(0, (-1, n_images))[:, images].flatten(0, 1)
+                 for key in ("global_crops", "local_crops", "masks", "gram_crops") if key in batch}
+        micro["mask_indices"] = micro["masks"].flatten().nonzero().flatten()
+        out.append(micro)
+    return out

@@ -162,6 +162,11 @@ class TrainConfig:
     checkpoint_every: int = 1000  # iterations between `checkpoint.pth` saves
     keep_every: int = 10000  # also keep `checkpoint_stepNNNNNNN.pth` every so often (Gram teachers)
     precision: str = "bf16"  # autocast dtype on CUDA ('bf16' | 'fp32'); the CPU always runs fp32
+    # Gradient accumulation: each rank's share of optim.batch_size runs as this many forward/backward passes of
+    # batch_size / (ranks x grad_accum_steps) images before the one optimiser step (global batch, schedules, EMA
+    # and data unchanged; Sinkhorn-Knopp centring and KoLeo see one pass's images, as at that smaller batch).
+    grad_accum_steps: int = 1
+    log_every: int = 10  # steps between reads of the logged scalars from the device (metrics.jsonl stays per step)
 
 
 @dataclass
@@ -202,7 +207,8 @@ class PretrainConfig:
 
 
 # Keys that describe where a run writes or how fast it goes, not what it learns: a resume may change them.
-RUNTIME_KEYS = {"train.checkpoint_every", "train.keep_every", "evaluation.probe_every", "evaluation.probe_data",
+RUNTIME_KEYS = {"train.checkpoint_every", "train.keep_every", "train.log_every", "evaluation.probe_every",
+                "evaluation.probe_data",
                 "evaluation.probe_size", "evaluation.probe_train_pixels", "evaluation.probe_max_cases"}
 
 

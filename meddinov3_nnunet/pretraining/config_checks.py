@@ -49,9 +49,13 @@ def check_config(config: PretrainConfig) -> None:
         if not (lowest_ok and low <= high <= 1):
             fail(key, f"needs 0 < min <= max <= 1, got {flat[key]}")
     for key in ("optim.iterations", "optim.batch_size", "train.checkpoint_every", "train.keep_every",
-                "dino.head_prototypes", "ibot.head_prototypes", "data.chunk_volumes"):
+                "train.grad_accum_steps", "train.log_every", "dino.head_prototypes", "ibot.head_prototypes",
+                "data.chunk_volumes"):
         if flat[key] < 1:
             fail(key, f"must be at least 1, got {flat[key]}")
+    if config.optim.batch_size % config.train.grad_accum_steps:
+        fail("train.grad_accum_steps", f"{config.train.grad_accum_steps} does not divide optim.batch_size "
+                                       f"{config.optim.batch_size} (the global batch is kept; each pass takes a share)")
     if config.data.num_workers < 0:
         fail("data.num_workers", "must be 0 or more")
     if config.evaluation.probe_every < 0:

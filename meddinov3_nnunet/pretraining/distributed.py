@@ -1,14 +1,27 @@
 """The distributed context of a run: rank, world size and device from torchrun's environment, and the few
-collectives the loop needs (barrier, any, mean)."""
+collectives the loop needs (barrier, any, mean, sum, gather, and `DistContext.run_on_main` for long work on
+rank 0)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from meddinov3_nnunet.errors import UserError
+
 from .config import ConfigError
+
+T = TypeVar("T")
+# how long the other ranks wait for rank 0's work in `run_on_main` (indexing millions of slices, a probe, a save)
+MAIN_WORK_TIMEOUT = timedelta(hours=24)
+
+
+class MainRankError(UserError):
+    """Raised on the other ranks when rank 0's work in `run_on_main` failed (with rank 0's exit code)."""
 
 
 @dataclass
@@ -17,6 +30,7 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
+    _wait_group: object = field(default=None, repr=False, compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -38,6 +52,41 @@ class DistContext:
             dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         return cls(rank, world_size, local_rank, torch_device)
 
+    def run_on_main(self, work: Callable[[], T], what: str) -> T | None:
+        """``work()`` on rank 0 while the other ranks wait for it, however long it takes; returns its result on
+        rank 0 (None elsewhere), and a failure on rank 0 stops every rank.
+
+        Not a barrier of the default group: its collectives time out (NCCL after 10 minutes, its watchdog then
+        aborts the job) and rank 0's work here can take longer (indexing millions of slices, a probe, writing a
+        checkpoint to slow storage). The others wait in a broadcast on a gloo group made with
+        ``MAIN_WORK_TIMEOUT`` (24 h): gloo waits on the CPU, and no NCCL operation is pending meanwhile, so
+        NCCL's watchdog has nothing to time out. Rank 0 broadcasts its outcome, so an error there (an empty
+        corpus) reaches the others as `MainRankError` instead of leaving them waiting. Polling the filesystem for
+        a file rank 0 writes was the alternative; it cannot tell a stale file from a fresh one nor carry a
+        failure."""
+        if self.world_size == 1:
+            return work()
+        if self._wait_group is None:  # every rank reaches its first run_on_main at the same point
+            self._wait_group = dist.new_group(backend="gloo", timeout=MAIN_WORK_TIMEOUT)
+        outcome, result = [None], None
+        if self.is_main:
+            try:
+                result = work()
+            except BaseException as err:
+                outcome = [(type(err).__name__, str(err), getattr(err, "exit_code", None))]
+                dist.broadcast_object_list(outcome, src=0, group=self._wait_group)
+                raise
+        dist.broadcast_object_list(outcome, src=0, group=self._wait_group)
+        if outcome[0] is not None:
+            name, message, exit_code = outcome[0]
+            text = f"rank 0 failed while {what} ({name}: {message})"
+            if exit_code is None:
+                raise RuntimeError(text)
+            error = MainRankError(text)
+            error.exit_code = exit_code
+            raise error
+        return result
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
@@ -58,6 +107,13 @@ class DistContext:
         tensor = torch.tensor([float(values[k]) for k in keys], device=self.device, dtype=torch.float64)
         dist.all_reduce(tensor)
         return {k: v / self.world_size for k, v in zip(keys, tensor.tolist())}
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the ranks (on this rank's device; a NaN on any rank makes its entry NaN)."""
+        if self.world_size > 1:
+            tensor = tensor.to(self.device)
+            dist.all_reduce(tensor)
+        return tensor
 
     def gather(self, obj) -> list:
         """``obj`` of every rank, in rank order (a one-element list on a single process)."""

@@ -52,18 +52,18 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     """
     log_q = teacher_logits.float() / teacher_temp  # (B, K)
     if n_samples is None:
-        total = float(log_q.shape[0] * (dist.get_world_size() if _distributed() else 1))
-    else:
+        log_total = math.log(log_q.shape[0] * (dist.get_world_size() if _distributed() else 1))
+    else:  # stays on the device: the count is summed across ranks without a host sync
         count = torch.as_tensor(n_samples, dtype=torch.float64, device=log_q.device).clone()
         if _distributed():
             dist.all_reduce(count)
-        total = float(count)
+        log_total = count.log().float()
     prototypes = log_q.shape[1]
     log_q = log_q - _global_logsumexp(log_q, dim=None)
     for _ in range(n_iterations):
         log_q = log_q - _global_logsumexp(log_q, dim=0) - math.log(prototypes)  # prototype mass, over all ranks
-        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(total)  # sample mass (local rows)
-    return torch.exp(log_q + math.log(total))
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - log_total  # sample mass (local rows)
+    return torch.exp(log_q + log_total)
 
 
 def _global_logsumexp(x: torch.Tensor, dim: int | None) -> torch.Tensor:
@@ -105,17 +105,20 @@ def dino_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor
 
 
 def ibot_masked_cross_entropy(student_masked_logits: torch.Tensor, teacher_masked_probs: torch.Tensor,
-                              masks: torch.Tensor, student_temp: float = 0.1) -> torch.Tensor:
+                              masks: torch.Tensor, student_temp: float = 0.1,
+                              mask_indices: torch.Tensor | None = None) -> torch.Tensor:
     """iBOT loss on the masked patch tokens only.
 
     ``student_masked_logits`` / ``teacher_masked_probs`` (M, K): the masked tokens in the order of
-    ``masks.flatten().nonzero()``; ``masks`` (n_images, N) bool. Each image's tokens are weighted 1 / its
-    number of masked tokens, the sum is divided by the number of images (masked or not). Same as DINOv3's
-    ``iBOTPatchLoss.forward_masked`` (and lightly's IBOTPatchLoss weighting).
+    ``masks.flatten().nonzero()`` (``mask_indices`` when given: then no host sync for the boolean selection);
+    ``masks`` (n_images, N) bool. Each image's tokens are weighted 1 / its number of masked tokens, the sum is
+    divided by the number of images (masked or not). Same as DINOv3's ``iBOTPatchLoss.forward_masked`` (and
+    lightly's IBOTPatchLoss weighting).
     """
     per_token = torch.sum(teacher_masked_probs.float() * F.log_softmax(student_masked_logits.float() / student_temp,
                                                                         dim=-1), dim=-1)
-    weights = (1.0 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]
+    per_image = (1.0 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)
+    weights = per_image[masks] if mask_indices is None else per_image.flatten().index_select(0, mask_indices)
     return -(per_token * weights).sum() / masks.shape[0]
 
 

@@ -16,7 +16,8 @@ class PretrainingObjective(nn.Module):
     """``forward(student, teacher, masks, mask_indices, teacher_temp, gram_targets)`` -> (total, parts).
 
     ``student`` / ``teacher`` are the outputs of `Branch.forward` / `Branch.teacher_forward`; the teacher's
-    logits become targets by Sinkhorn-Knopp at ``teacher_temp``. ``parts`` holds every term as a float."""
+    logits become targets by Sinkhorn-Knopp at ``teacher_temp``. ``parts`` holds every term as a detached 0-d
+    tensor on the device (the loop reads them once per log interval)."""
 
     def __init__(self, config, gram_enabled: bool):
         super().__init__()
@@ -55,7 +56,8 @@ class PretrainingObjective(nn.Module):
         dino = (dino_local * local_terms * self.local_weight + dino_global * global_terms) / (
             global_terms + local_terms)
         koleo = sum(koleo_loss(cls) for cls in student["global_cls"].unflatten(0, (n_global, n_images))) / n_global
-        ibot = ibot_masked_cross_entropy(student["masked_patch_logits"], teacher_patches, masks, self.student_temp)
+        ibot = ibot_masked_cross_entropy(student["masked_patch_logits"], teacher_patches, masks, self.student_temp,
+                                         mask_indices)
         total = self.dino_weight * dino + self.koleo_weight * n_global * koleo + self.ibot_weight * ibot
         parts = {"dino": dino, "dino_global": dino_global, "dino_local": dino_local, "ibot": ibot, "koleo": koleo}
         if gram_targets is not None:
@@ -63,7 +65,7 @@ class PretrainingObjective(nn.Module):
             total = total + self.gram_weight * gram
             parts["gram"] = gram
         parts["total"] = total
-        return total, {k: float(v.detach()) for k, v in parts.items()}
+        return total, {k: v.detach().float() for k, v in parts.items()}  # tensors: reading them waits for the device
 
 
 def to_student_grid(features: torch.Tensor, student_side: int, gram_config) -> torch.Tensor:

@@ -60,10 +60,13 @@ def run(args: argparse.Namespace) -> int:
     from . import config as config_module
     from .corpus import CorpusError, Source, build_corpus, make_case_filter, parse_source, settings_from_config
     from .distributed import DistContext
-    from .run_checkpoint import CHECKPOINT_NAME
-    from .train import PretrainingRun, ResumeError, config_from_checkpoint
+    from .run_checkpoint import CHECKPOINT_NAME, load_run_checkpoint
+    from .train import PretrainingRun, ResumeError
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # one process per GPU under torchrun: rank 0 prints the run's progress, the others only their warnings
+    # (e.g. a volume their data shard could not read)
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+                        format="%(message)s")
     output = args.output
     checkpoint = os.path.join(output, CHECKPOINT_NAME)
     if args.resume:
@@ -72,10 +75,12 @@ def run(args: argparse.Namespace) -> int:
         if not os.path.isfile(checkpoint):
             raise ResumeError(f"--resume: {checkpoint} does not exist; nothing to resume. Start the run "
                               f"without --resume.")
-        saved = config_from_checkpoint(checkpoint)
+        saved_run = load_run_checkpoint(checkpoint)  # read once: PretrainingRun takes it over
+        saved = config_module.from_dict(saved_run["config"], origin=checkpoint)
         # without --config the saved recipe is the base; --set/--init/--gram-teacher must then not change it
         config = _recipe(config_module, args, base=None if args.config else saved)
     else:
+        saved_run = None
         config = _recipe(config_module, args)
     sources: list[Source] = [parse_source(spec) for spec in args.data]
     if not args.resume and not args.manifest and not sources:
@@ -101,14 +106,16 @@ def run(args: argparse.Namespace) -> int:
     context = DistContext.from_env(args.device)
     manifest_path = args.manifest or os.path.join(output, "corpus.json")
     run_ = PretrainingRun(config, manifest_path, output, resume=args.resume, progress=not args.no_progress,
-                          context=context)
+                          context=context, checkpoint=saved_run)
+    del saved_run  # the run drops the checkpoint once its weights are in the modules
     run_.check()  # recipe, resume, --init and Gram teacher: before any data is read
     if sources:
-        if context.is_main:
+        def index() -> None:
             manifest = build_corpus(sources, settings_from_config(config), manifest_path, case_filter, channels,
                                     args.corpus_workers, progress=not args.no_progress)
             _print_corpus(manifest, manifest_path)
-        context.barrier()
+
+        context.run_on_main(index, "indexing the corpus")  # may take hours: no collective waits meanwhile
     run_.prepare()
     summary = run_.run(stop_at_step=args.stop_at_step, time_limit_minutes=args.time_limit_minutes)
     if context.is_main:

@@ -8,10 +8,16 @@ for ``--resume``, that the saved run used the same recipe.
 Run folder: ``config.yaml`` (the resolved recipe), ``checkpoint.pth`` (latest; student, teacher, optimiser,
 step, RNG states, config), ``checkpoint_stepNNNNNNN.pth`` (kept every ``train.keep_every`` steps),
 ``metrics.jsonl`` (one line per step) and ``loss_curves.png``.
+
+A step never waits for the device: its logged scalars (losses, gradient norms) stay on the device and are read
+for ``train.log_every`` steps at once (one all-reduce, one host transfer), where a non-finite value stops the run
+naming its step; a checkpoint, a probe and the end of the run always read them first, so nothing is saved after
+a bad step. Work only rank 0 does (probe, checkpoint write) runs in `DistContext.run_on_main`.
 """
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 import os
@@ -39,7 +45,12 @@ from .schedules import apply_schedules, schedules_at
 from .stream import ShardPlan, SliceStream
 
 log = logging.getLogger(__name__)
-
+_CLIPPED = ("backbone", "dino_head", "ibot_head")  # DINOv3 clips each module's gradient on its own
+# DDP without a buffer broadcast per forward (the only buffer, RoPE's periods, is a constant); torch 2.14 renamed
+# broadcast_buffers to forward_sync_buffers and warns on the old name
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
 
 
 class ResumeError(InputError):
@@ -55,7 +66,9 @@ class PretrainingRun:
 
     def __init__(self, config: PretrainConfig, corpus_path: str | os.PathLike, output_dir: str | os.PathLike,
                  resume: bool = False, device: str | None = None, progress: bool = True,
-                 context: DistContext | None = None):
+                 context: DistContext | None = None, checkpoint: dict | None = None):
+        """``checkpoint``: the run checkpoint of a ``resume`` when the caller has already read it (read once);
+        None: `check` reads it."""
         self.config = config
         self.corpus_path = str(corpus_path)
         self.output_dir = Path(output_dir)
@@ -67,7 +80,7 @@ class PretrainingRun:
         self.checked = self.prepared = self.built = False
         self.arch = None
         self.rank_batch = 0
-        self.saved: dict | None = None  # the run checkpoint being resumed, until build() has taken it in
+        self.saved: dict | None = checkpoint  # the run checkpoint being resumed, until build() has taken it in
         self.init_point = None
         self.gram_point = None
         self.corpus: Corpus | None = None
@@ -75,6 +88,7 @@ class PretrainingRun:
         self.start_step = 0
         self.student = self.teacher = self.model = self.gram_teacher = None  # set by build()
         self.optimizer = self.objective = self.loader = None
+        self._stat_names: list[str] | None = None  # the logged scalars of a step, in `_train_step`'s order
 
     # -- checks ---------------------------------------------------------------------------------
     def check(self) -> "PretrainingRun":
@@ -87,11 +101,16 @@ class PretrainingRun:
             raise ConfigError(f"config value optim.batch_size: {cfg.optim.batch_size} is not divisible by the "
                               f"{self.ctx.world_size} ranks; change it or the number of processes")
         self.rank_batch = cfg.optim.batch_size // self.ctx.world_size
+        if self.rank_batch % cfg.train.grad_accum_steps:
+            raise ConfigError(f"config value train.grad_accum_steps: {cfg.train.grad_accum_steps} does not divide the "
+                              f"{self.rank_batch} images per rank (optim.batch_size {cfg.optim.batch_size} over "
+                              f"{self.ctx.world_size} ranks)")
         if self.resume:
-            if not self.checkpoint_path.is_file():
+            if self.saved is None and not self.checkpoint_path.is_file():
                 raise ResumeError(f"--resume: {self.checkpoint_path} does not exist; nothing to resume in "
                                   f"{self.output_dir}. Start the run without --resume.")
-            self.saved = load_run_checkpoint(self.checkpoint_path)
+            if self.saved is None:
+                self.saved = load_run_checkpoint(self.checkpoint_path)
             # through the schema: keys added since the checkpoint was written compare at their defaults
             changed = differences(from_dict(self.saved["config"], origin=str(self.checkpoint_path)).to_dict(),
                                   cfg.to_dict())
@@ -175,12 +194,12 @@ class PretrainingRun:
         if ctx.world_size > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                broadcast_buffers=False)
+                **_NO_BUFFER_SYNC)
         self.objective = PretrainingObjective(cfg, gram_enabled=self.gram_teacher is not None)
         self.loader = torch.utils.data.DataLoader(
             SliceStream(self.corpus, self.rank_batch, augment.MultiCrop(cfg.crops),
-                        _Collate(self.arch.patch_size, cfg.ibot), seed=cfg.train.seed, rank=ctx.rank,
-                        world_size=ctx.world_size, num_workers=cfg.data.num_workers,
+                        _Collate(self.arch.patch_size, cfg.ibot, cfg.train.grad_accum_steps), seed=cfg.train.seed,
+                        rank=ctx.rank, world_size=ctx.world_size, num_workers=cfg.data.num_workers,
                         chunk_volumes=cfg.data.chunk_volumes, start_step=self.start_step,
                         transform_for_step=(augment.MixedResolutionCrops(cfg.crops, cfg.train.seed).for_step
                                             if cfg.crops.mixed_global_sizes else None)),
@@ -220,15 +239,36 @@ class PretrainingRun:
                 gram_targets = self._to_student_grid(features, global_crops.shape[-1])
         return self.objective(student, teacher, masks, mask_indices, values["teacher_temp"], gram_targets)
 
+    def _train_step(self, passes: list[dict], values: dict) -> torch.Tensor:
+        """The gradients of one optimiser step from the rank's batch cut into ``train.grad_accum_steps`` passes
+        (`augment.split_batch`): each pass's loss divided by their number and back-propagated (DDP all-reduces
+        after the last), then DINOv3's clipping per module. Returns the logged scalars (each loss part averaged
+        over the passes, then the gradient norms before clipping) as one tensor on the device, in
+        ``self._stat_names`` order; nothing here waits for the device."""
+        self.optimizer.zero_grad(set_to_none=True)
+        summed = None
+        for index, micro in enumerate(passes):
+            accumulate = self.model is not self.student and index < len(passes) - 1
+            with self.model.no_sync() if accumulate else nullcontext():
+                total, parts = self._step(micro, values)
+                (total / len(passes) if len(passes) > 1 else total).backward()
+            stacked = torch.stack(list(parts.values()))
+            summed = stacked if summed is None else summed + stacked
+        norms = [torch.nn.utils.clip_grad_norm_(getattr(self.student, name).parameters(), self.config.optim.clip_grad)
+                 for name in _CLIPPED]
+        if self._stat_names is None:
+            self._stat_names = [*parts, *(f"grad_norm_{name}" for name in _CLIPPED)]
+        return torch.cat([summed / len(passes), torch.stack(norms).float()])
+
     def _to_student_grid(self, features: torch.Tensor, student_size: int) -> torch.Tensor:
         return to_student_grid(features, student_size // self.arch.patch_size, self.config.gram)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def probe_teacher(self, step: int, probes: MetricsLog | None) -> None:
-        """`meddinov3-nnunet probe` on the EMA teacher's backbone after ``step`` steps (main rank; the others
-        wait): one line in probe.jsonl, and the loss plot redrawn with it. Uses no global RNG, so a resumed run
-        stays exact."""
-        if self.ctx.is_main:
+        """`meddinov3-nnunet probe` on the EMA teacher's backbone after ``step`` steps, on rank 0 while the others
+        wait in `DistContext.run_on_main` (a probe may outlast NCCL's collective timeout): one line in
+        probe.jsonl, and the loss plot redrawn with it. Uses no global RNG, so a resumed run stays exact."""
+        def probe() -> None:
             from meddinov3_nnunet.probing.linear_probe import encoder_featuriser, load_dataset, run_probe, split_cases
 
             evaluation = self.config.evaluation
@@ -244,7 +284,8 @@ class PretrainingRun:
                      ", ".join(f"{k} {v:.3f}" for k, v in row["dice"].items()))
             plot_metrics(self.output_dir / "metrics.jsonl", self.output_dir / "loss_curves.png",
                          title=f"{self.config.name}: {self.output_dir.name}")
-        self.ctx.barrier()
+
+        self.ctx.run_on_main(probe, f"probing the teacher after step {step}")
 
     def save_checkpoint(self, step: int) -> Path | None:
         """Atomic ``checkpoint.pth`` after ``step`` completed steps (+ a kept copy every ``keep_every``)."""
@@ -253,7 +294,8 @@ class PretrainingRun:
         fingerprints = ctx.gather(run_checkpoint.fingerprint(self.student, self.teacher))
         if any(not torch.equal(f, fingerprints[0]) for f in fingerprints):
             raise RuntimeError(f"ranks hold different weights at step {step} (DDP out of sync); not saving")
-        if ctx.is_main:
+
+        def write() -> None:  # rank 0, while the others wait in run_on_main (slow storage may take minutes)
             payload = {
                 "step": step, "config": self.config.to_dict(), "arch": self.arch.to_dict(),
                 "world_size": ctx.world_size,
@@ -272,7 +314,8 @@ class PretrainingRun:
             keep = step % self.config.train.keep_every == 0
             run_checkpoint.save(payload, self.checkpoint_path,
                                 self.output_dir / run_checkpoint.kept_name(step) if keep else None)
-        ctx.barrier()
+
+        ctx.run_on_main(write, f"writing the checkpoint of step {step}")
         return self.checkpoint_path if ctx.is_main else None
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -304,47 +347,36 @@ class PretrainingRun:
         last_saved = self.start_step if self.resume else None
         status = "completed"
         iterator = iter(self.loader)
-        step_clock = time.time()
+        pending: list[tuple[int, dict, torch.Tensor, int]] = []  # steps whose scalars are still on the device
+        window_started = time.time()
         try:
             while step < stop:
                 batch = next(iterator)
                 values = schedules_at(cfg.optim, step)
                 apply_schedules(self.optimizer, values)
-                total, parts = self._step(batch, values)
-                if ctx.any(not math.isfinite(parts["total"])):
-                    raise NonFiniteLossError(self._nan_message(step, parts, last_saved, "loss"))
-                self.optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                norms = {f"grad_norm_{name}": float(torch.nn.utils.clip_grad_norm_(
-                    getattr(self.student, name).parameters(), cfg.optim.clip_grad))
-                    for name in ("backbone", "dino_head", "ibot_head")}
-                if ctx.any(not all(math.isfinite(v) for v in norms.values())):
-                    raise NonFiniteLossError(self._nan_message(step, {**parts, **norms}, last_saved, "gradient"))
+                stats = self._train_step(augment.split_batch(batch, self.rank_batch, cfg.train.grad_accum_steps),
+                                         values)
                 self.optimizer.step()
                 update_momentum(self.student, self.teacher, values["momentum"])
+                pending.append((step, values, stats, int(batch["mask_indices"].numel())))
                 step += 1
+                checkpoint_due = step % cfg.train.checkpoint_every == 0 or step == stop
+                probe_due = bool(cfg.evaluation.probe_every) and step % cfg.evaluation.probe_every == 0
+                timed_out = False
+                if len(pending) >= cfg.train.log_every or checkpoint_due or probe_due:
+                    now = time.time()
+                    late = time_limit_minutes is not None and (now - started) / 60 >= time_limit_minutes
+                    timed_out = self._read_scalars(pending, now - window_started, late, metrics, bar, last_saved)
+                    pending, window_started = [], now
                 if self.gram_teacher is not None and gram_refresh_due(cfg.gram, step):
                     self.refresh_gram_teacher()
-                now = time.time()
-                seconds, step_clock = now - step_clock, now
-                record = {"step": step - 1, **ctx.mean(parts), **values, **ctx.mean(norms),
-                          "gram_weight": cfg.gram.loss_weight if self.gram_teacher is not None else 0.0,
-                          "masked_tokens": int(batch["mask_indices"].numel()),
-                          "images_per_s": cfg.optim.batch_size / max(seconds, 1e-9), "step_seconds": seconds}
-                if metrics is not None:
-                    metrics.write(record)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{record['total']:.3f}", lr=f"{values['lr']:.2e}",
-                                    img_s=f"{record['images_per_s']:.0f}", refresh=False)
-                timed_out = ctx.any(time_limit_minutes is not None and (now - started) / 60 >= time_limit_minutes)
-                if step % cfg.train.checkpoint_every == 0 or step == stop or timed_out:
+                if checkpoint_due or timed_out:
                     self.save_checkpoint(step)
                     last_saved = step
                     if ctx.is_main:
                         plot_metrics(self.output_dir / "metrics.jsonl", self.output_dir / "loss_curves.png",
                                      title=f"{cfg.name}: {self.output_dir.name}")
-                if cfg.evaluation.probe_every and step % cfg.evaluation.probe_every == 0:
+                if probe_due:
                     self.probe_teacher(step, probes)
                 if timed_out:
                     status = "time_limit"
@@ -367,6 +399,38 @@ class PretrainingRun:
                 "seconds": round(elapsed, 1),
                 "images_per_s": round(done * cfg.optim.batch_size / elapsed, 2) if elapsed > 0 and done else 0.0,
                 "checkpoint": str(self.checkpoint_path), "output_dir": str(self.output_dir)}
+
+    def _read_scalars(self, pending: list, seconds: float, late: bool, metrics: MetricsLog | None, bar,
+                      last_saved: int | None) -> bool:
+        """Reads the logged scalars of the ``pending`` steps: averaged over the ranks in one all-reduce (with each
+        rank's time-limit flag) and moved to the host in one transfer. Writes their metrics lines in order and
+        stops at the first step with a non-finite loss or gradient norm on any rank (`NonFiniteLossError`).
+        Returns whether some rank reached the time limit."""
+        ctx, cfg = self.ctx, self.config
+        rows = torch.stack([stats for _, _, stats, _ in pending]).double()
+        flag = torch.ones(1, dtype=torch.float64, device=rows.device) * float(late)
+        *flat, late_ranks = ctx.sum(torch.cat([rows.flatten(), flag])).tolist()  # the one host sync
+        width, seconds_per_step = len(self._stat_names), seconds / len(pending)
+        record = None
+        for row, (index, values, _, masked) in enumerate(pending):
+            stats = {name: v / ctx.world_size for name, v in zip(self._stat_names, flat[row * width:(row + 1) * width])}
+            parts = {k: v for k, v in stats.items() if not k.startswith("grad_norm_")}
+            norms = {k: v for k, v in stats.items() if k.startswith("grad_norm_")}
+            if not all(math.isfinite(v) for v in parts.values()):
+                raise NonFiniteLossError(self._nan_message(index, parts, last_saved, "loss"))
+            if not all(math.isfinite(v) for v in norms.values()):
+                raise NonFiniteLossError(self._nan_message(index, stats, last_saved, "gradient"))
+            record = {"step": index, **parts, **values, **norms,
+                      "gram_weight": cfg.gram.loss_weight if self.gram_teacher is not None else 0.0,
+                      "masked_tokens": masked, "images_per_s": cfg.optim.batch_size / max(seconds_per_step, 1e-9),
+                      "step_seconds": seconds_per_step}
+            if metrics is not None:
+                metrics.write(record)
+        if bar is not None:
+            bar.update(len(pending))
+            bar.set_postfix(loss=f"{record['total']:.3f}", lr=f"{record['lr']:.2e}",
+                            img_s=f"{record['images_per_s']:.0f}", refresh=False)
+        return late_ranks > 0
 
     def _nan_message(self, step: int, values: dict, last_saved: int | None, what: str) -> str:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
@@ -395,15 +459,19 @@ def gram_refresh_due(gram, step: int) -> bool:
 class _Collate:
     """Picklable collate for the loader workers."""
 
-    def __init__(self, patch_size: int, ibot):
-        self.patch_size, self.ibot = patch_size, ibot
+    def __init__(self, patch_size: int, ibot, micro_batches: int = 1):
+        self.patch_size, self.ibot, self.micro_batches = patch_size, ibot, micro_batches
 
     def __call__(self, samples, rng):
-        return augment.collate(samples, self.patch_size, self.ibot, rng)
+        return augment.collate(samples, self.patch_size, self.ibot, rng, self.micro_batches)
 
 
 def _worker_init(_worker_id: int) -> None:
-    torch.set_num_threads(1)  # loader workers decode and crop; leave the cores to the model
+    """Loader workers decode and crop; leave the cores to the model (torch and SimpleITK one thread each)."""
+    import SimpleITK as sitk
+
+    torch.set_num_threads(1)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
 def config_from_checkpoint(path: str | os.PathLike) -> PretrainConfig:

@@ -312,3 +312,16 @@ def test_pretraining_uses_dinov3s_drop_path_same_rate_in_every_block_on_a_batch_
     timm_form = build_branch(tiny_config("model.drop_path_mode=timm", "model.drop_path_rate=0.3")).backbone
     assert not any(isinstance(b, BatchSubsetDropPathBlock) for b in timm_form.blocks)
     assert timm_form.blocks[-1].drop_path1.drop_prob == pytest.approx(0.3)  # timm: rising to the rate at the end
+
+
+@pytest.mark.slow  # a pretraining run
+def test_a_resume_reads_the_run_checkpoint_once(straight_run, tmp_path, monkeypatch):
+    from meddinov3_nnunet.pretraining import run_checkpoint
+
+    output, _ = straight_run
+    (tmp_path / "checkpoint.pth").write_bytes((output / "checkpoint.pth").read_bytes())
+    reads = []
+    real = run_checkpoint.load_torch_file
+    monkeypatch.setattr(run_checkpoint, "load_torch_file", lambda path: reads.append(str(path)) or real(path))
+    assert main(["pretrain", "--resume", "-o", str(tmp_path), "--device", "cpu", "--no-progress"]) == 0
+    assert reads == [str(tmp_path / "checkpoint.pth")]  # a ViT-B run checkpoint is a few GB, on every rank
