@@ -11,7 +11,8 @@ SimpleITK reads it:
 * other formats (NRRD, MHA/MHD, DICOM) already fail in SimpleITK when their data is short.
 
 Every failure is an `InputError` naming the file and the reason. 2D images (one slice) are refused unless the
-caller passes ``allow_2d=True``; then they come back as a 1-slice volume.
+caller passes ``allow_2d=True``; then they come back as a 1-slice volume. A caller that has verified this version
+of a file (same `file_version`) may pass ``verify=False`` and save the extra decompression.
 """
 from __future__ import annotations
 
@@ -108,8 +109,15 @@ def verify_file(path: str | os.PathLike) -> None:
                               f"({expected} bytes) but the file holds {actual} bytes; write or copy it again")
 
 
-def read_image(path: str | os.PathLike, series: str | None = None, allow_2d: bool = False):
-    """A verified SimpleITK image (3D, or 2D when ``allow_2d``); ``series`` reads a DICOM series from a folder."""
+def file_version(path: str | os.PathLike) -> list[int]:
+    """``[size in bytes, modification time in ns]`` of a file: a rewritten or cut file gets another version."""
+    stat = os.stat(path)
+    return [int(stat.st_size), int(stat.st_mtime_ns)]
+
+
+def read_image(path: str | os.PathLike, series: str | None = None, allow_2d: bool = False, verify: bool = True):
+    """A verified SimpleITK image (3D, or 2D when ``allow_2d``); ``series`` reads a DICOM series from a folder.
+    ``verify=False``: no `verify_file`, for a file version the caller has verified before."""
     import SimpleITK as sitk
 
     path = str(path)
@@ -122,7 +130,8 @@ def read_image(path: str | os.PathLike, series: str | None = None, allow_2d: boo
             reader.SetFileNames(names)
             image = reader.Execute()
         else:
-            verify_file(path)
+            if verify:
+                verify_file(path)
             image = sitk.ReadImage(path)
     except RuntimeError as err:  # SimpleITK/ITK/GDCM raise RuntimeError for files they cannot read
         raise VolumeError(f"{path}: cannot be read as an image ({_itk_reason(err)})") from None
@@ -139,12 +148,12 @@ def read_image(path: str | os.PathLike, series: str | None = None, allow_2d: boo
 
 
 def read_volume(path: str | os.PathLike, series: str | None = None, allow_2d: bool = False,
-                orient_lps: bool = False) -> Volume:
+                orient_lps: bool = False, verify: bool = True) -> Volume:
     """`read_image` as an array (z, y, x) with spacing (z, y, x); a 2D image becomes one slice of spacing 1.
     ``orient_lps`` reorients a 3D volume so that axis 0 runs foot-to-head (axial slices)."""
     import SimpleITK as sitk
 
-    image = read_image(path, series, allow_2d)
+    image = read_image(path, series, allow_2d, verify)
     if orient_lps and image.GetDimension() == 3:
         image = sitk.DICOMOrient(image, "LPS")
     array = sitk.GetArrayFromImage(image)

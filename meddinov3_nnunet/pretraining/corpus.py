@@ -245,6 +245,13 @@ def _index_star(args):
     return index_volume(*args)
 
 
+def _one_reader_thread() -> None:
+    """Indexing processes read in parallel already: SimpleITK one thread each instead of one per core."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
 # ---------------------------------------------------------------------------------------------
 # building and loading
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +289,7 @@ def build_corpus(sources: Sequence[Source], settings: dict, output: str | os.Pat
     started = time.time()
     jobs = [(c, settings) for c in candidates]
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_one_reader_thread) as pool:
             results = pool.map(_index_star, jobs, chunksize=4)
             results = list(_progress(results, len(jobs), progress))
     else:

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from meddinov3_nnunet.volume_io import file_version
+
 from .corpus import Corpus
 from .volumes import expand_ranges, normalise_slice, read_volume
 
@@ -76,6 +78,7 @@ class SliceStream(IterableDataset):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers = max(1, num_workers)
         self.chunk_volumes, self.start_step = chunk_volumes, start_step
+        self._verified: dict[str, list[int]] = {}  # path -> file version verified since the manifest (per worker)
         # fail in the main process, before workers start
         ShardPlan(corpus.counts, 0, world_size * self.num_workers, chunk_volumes, seed)
 
@@ -134,11 +137,20 @@ class SliceStream(IterableDataset):
             epoch, chunk_index = epoch + 1, 0
 
     def _load(self, volume: int):
+        """The volume's array, or None (with a warning) when it cannot be read or has changed shape. A file is
+        verified (complete gzip stream, NIfTI size) once per version: the manifest holds the [size, mtime] the
+        indexing verified, and a changed file is verified again when first read, then remembered."""
         entry = self.corpus.volumes[volume]
+        path = entry["path"]
         try:
-            array, _, _ = read_volume(entry["path"], entry.get("series"))
+            version = None if entry.get("series") else file_version(path)
+            verified = self._verified.get(path, entry.get("file_version"))
+            verify = version is None or version != verified
+            array, _, _ = read_volume(path, entry.get("series"), verify=verify)
+            if verify and version is not None:
+                self._verified[path] = version
         except Exception as err:  # a file damaged or removed after indexing: skip it, never stop the run
-            log.warning("skipping %s: unreadable now (%s)", entry["path"], err)
+            log.warning("skipping %s: unreadable now (%s)", path, err)
             return None
         if list(array.shape) != entry["shape"]:
             log.warning("skipping %s: shape %s differs from the indexed %s (file changed?)", entry["path"],

@@ -28,11 +28,12 @@ class Candidate:
     series: str | None = None  # DICOM series instance UID
 
 
-def read_volume(path: str, series: str | None = None) -> tuple[np.ndarray, tuple[float, float, float], "object"]:
+def read_volume(path: str, series: str | None = None,
+                verify: bool = True) -> tuple[np.ndarray, tuple[float, float, float], "object"]:
     """Array (z, y, x) in LPS orientation (axial slices along axis 0), spacing (z, y, x) in mm, and the image.
     The one place the pretraining code reads a volume (indexing, streaming); raises `VolumeError` naming the
-    file and the reason."""
-    volume = volume_io.read_volume(path, series=series, orient_lps=True)
+    file and the reason. ``verify=False`` skips the complete-file check (see `volume_io`)."""
+    volume = volume_io.read_volume(path, series=series, orient_lps=True, verify=verify)
     return volume.array, volume.spacing, volume.image
 
 
@@ -100,6 +101,10 @@ def volume_normalisation(array: np.ndarray, modality: str, settings: dict) -> li
 def index_volume(candidate: Candidate, settings: dict) -> dict:
     """Reads one volume and decides its modality, normalisation and kept slices. Returns a manifest entry,
     or ``{'skipped': reason}`` (never raises for a bad file)."""
+    try:  # taken before reading: a file changed during the read gets re-verified when streamed
+        version = None if candidate.series else volume_io.file_version(candidate.path)
+    except OSError:
+        version = None  # read_volume names what is wrong
     try:
         array, spacing, _ = read_volume(candidate.path, candidate.series)
     except volume_io.VolumeError as err:  # cut, empty, damaged, 2D, colour: the reader names the reason
@@ -131,6 +136,8 @@ def index_volume(candidate: Candidate, settings: dict) -> dict:
             "shape": [int(s) for s in array.shape], "spacing": [round(s, 6) for s in spacing], "norm": norm,
             "slices": slice_ranges(kept), "n_slices": len(kept),
         }
+        if version is not None:  # [size, mtime ns] of the verified file: streaming verifies it again only if changed
+            entry["file_version"] = version
         if candidate.series is not None:
             entry["series"] = candidate.series
         if candidate.channel is not None:

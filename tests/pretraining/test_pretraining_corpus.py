@@ -209,3 +209,78 @@ def test_block_masks_follow_dinov3s_counts_and_always_mask_something():
 
 def test_expand_ranges():
     assert expand_ranges([[1, 3], [5, 6]]).tolist() == [1, 2, 5]
+
+
+def test_streaming_verifies_each_file_once_per_version_not_on_every_read(tmp_path, monkeypatch, caplog):
+    """Verifying a .nii.gz decompresses it completely, then SimpleITK decompresses it again to read it."""
+    import os
+
+    from meddinov3_nnunet import volume_io
+
+    rng = np.random.default_rng(0)
+    paths = [write_volume(tmp_path / "ct" / f"case{i}.nii.gz", ct_volume(rng, slices=3, empty_slices=0))
+             for i in range(2)]
+    build_corpus([Source(str(tmp_path / "ct"))], SETTINGS, tmp_path / "c.json", progress=False)
+    corpus = Corpus.load(tmp_path / "c.json")
+    assert [v["file_version"] for v in corpus.volumes] == [volume_io.file_version(p) for p in paths]
+    verified = []
+    real = volume_io.verify_file
+    monkeypatch.setattr(volume_io, "verify_file", lambda path: verified.append(os.path.basename(path)) or real(path))
+    stream = SliceStream(corpus, 1, identity, ids, chunk_volumes=1)
+    samples = stream._samples(ShardPlan(corpus.counts, 0, 1, 1, 0), 0)
+
+    def read_epochs(epochs):
+        for _ in range(epochs * corpus.num_slices):
+            next(samples)
+
+    read_epochs(3)
+    assert verified == []  # the indexing verified these versions
+    size, mtime = volume_io.file_version(paths[0])
+    os.utime(paths[0], ns=(mtime + 10**9, mtime + 10**9))  # a new version (rewritten in place)
+    read_epochs(3)
+    assert verified == ["case0.nii.gz"]  # verified once, then remembered
+    data = paths[1].read_bytes()
+    paths[1].write_bytes(data[:len(data) // 2])  # cut short after indexing: caught by the verification
+    with caplog.at_level("WARNING"):
+        read_epochs(1)
+    assert verified[1:2] == ["case1.nii.gz"] and "case1.nii.gz: truncated" in caplog.text
+
+
+def test_loader_workers_use_one_simpleitk_thread():
+    import SimpleITK as sitk
+
+    from meddinov3_nnunet.pretraining.train import _worker_init
+
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    threads = torch.get_num_threads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(4)
+    try:
+        _worker_init(0)
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 1 and torch.get_num_threads() == 1
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+        torch.set_num_threads(threads)
+
+
+def test_parallel_indexing_reads_with_one_simpleitk_thread_per_process(tmp_path, monkeypatch):
+    import SimpleITK as sitk
+
+    from meddinov3_nnunet.pretraining import corpus as corpus_module
+
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        write_volume(tmp_path / "ct" / f"case{i}.nii.gz", ct_volume(rng, slices=3, empty_slices=0))
+    real = corpus_module.index_volume
+
+    def recording(*args):  # runs in the (forked) indexing processes
+        return {**real(*args), "threads": sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()}
+
+    monkeypatch.setattr(corpus_module, "index_volume", recording)
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(4)  # what the forked processes would inherit
+    try:
+        manifest = build_corpus([Source(str(tmp_path / "ct"))], SETTINGS, tmp_path / "c.json", workers=2,
+                                progress=False)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+    assert [v["threads"] for v in manifest["volumes"]] == [1, 1]
