@@ -75,7 +75,7 @@ def environment_section(device: torch.device) -> list[str]:
 # -- 2: stock nnU-Net smoke -----------------------------------------------------------------------------------
 def nnunet_smoke_section(device: torch.device, workdir: Path, dry_run: bool) -> list[str]:
     from meddinov3_nnunet.demo import link_real_dataset, make_synthetic_dataset
-    from meddinov3_nnunet.nnunet.environment import dataset_id, nnunet_tool, plugin_environment
+    from meddinov3_nnunet.nnunet.environment import dataset_id, nnunet_tool, plugin_environment, without_user_settings
 
     raw, preprocessed, results = (workdir / name for name in ("raw", "preprocessed", "results"))
     for folder in (raw, preprocessed, results):
@@ -88,8 +88,10 @@ def nnunet_smoke_section(device: torch.device, workdir: Path, dry_run: bool) -> 
         name, test_images, _ = make_synthetic_dataset(raw, cases, test_cases=2)
     budget = {"MEDDINOV3_NUM_EPOCHS": "1", "MEDDINOV3_ITERS_PER_EPOCH": "2", "MEDDINOV3_VAL_ITERS": "1"} \
         if dry_run else {}
-    env = plugin_environment({**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(preprocessed),
-                              "nnUNet_results": str(results), "nnUNet_extTrainer": "", **budget}, few_workers=True)
+    # without the user's MEDDINOV3_* / DINOV3_* (a MEDDINOV3_WEIGHTS for ViT-B would reach the tiny smoke trainer)
+    env = plugin_environment({**without_user_settings(os.environ), "nnUNet_raw": str(raw),
+                              "nnUNet_preprocessed": str(preprocessed), "nnUNet_results": str(results),
+                              "nnUNet_extTrainer": "", **budget}, few_workers=True)
     dataset = str(dataset_id(name))
     trainer, configuration = "MedDINOv3Trainer_smoke", "2d_meddinov3"
     predictions = workdir / "predictions"

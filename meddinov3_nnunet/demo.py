@@ -18,7 +18,8 @@ from pathlib import Path
 from meddinov3_nnunet.atomic_io import save_figure_atomic
 from meddinov3_nnunet.errors import InputError
 from meddinov3_nnunet.nnunet.budget import ITERS_PER_EPOCH, NUM_EPOCHS, VAL_ITERS
-from meddinov3_nnunet.nnunet.environment import dataset_id, nnunet_tool, plugin_environment, run_logged
+from meddinov3_nnunet.nnunet.environment import (dataset_id, nnunet_tool, plugin_environment, run_logged,
+                                                  without_user_settings)
 
 SYNTHETIC_NAME = "Dataset990_SyntheticDemo"
 
@@ -33,6 +34,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=40, help="iterations per epoch (default 40)")
     parser.add_argument("--preset", default="cpu", help="planning preset (default cpu)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="nnU-Net -device (default cpu)")
+    parser.add_argument("--weights", help="encoder weights for the trainer (written into the plans by `plan "
+                        "--weights`); the demo's runs ignore MEDDINOV3_* / DINOV3_* variables of the environment")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,11 +184,12 @@ def run(args: argparse.Namespace) -> int:
     for folder in (raw, preprocessed, results):
         folder.mkdir(parents=True, exist_ok=True)
     log = workdir / "demo.log"
-    # the demo's own nnU-Net folders, this plugin's trainers, at most two nnU-Net workers (also on a GPU)
-    env = plugin_environment({**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(preprocessed),
-                              "nnUNet_results": str(results), "nnUNet_extTrainer": "",
-                              NUM_EPOCHS: str(args.epochs), ITERS_PER_EPOCH: str(args.iterations), VAL_ITERS: "5"},
-                             few_workers=True)
+    # the demo's own nnU-Net folders, this plugin's trainers, at most two nnU-Net workers (also on a GPU); the user's
+    # MEDDINOV3_* / DINOV3_* settings stay out (a MEDDINOV3_WEIGHTS for ViT-B would reach the tiny trainer)
+    env = plugin_environment({**without_user_settings(os.environ), "nnUNet_raw": str(raw),
+                              "nnUNet_preprocessed": str(preprocessed), "nnUNet_results": str(results),
+                              "nnUNet_extTrainer": "", NUM_EPOCHS: str(args.epochs),
+                              ITERS_PER_EPOCH: str(args.iterations), VAL_ITERS: "5"}, few_workers=True)
     if args.data:
         print(f"[data] linking {args.cases} cases of {args.data} ({args.test_cases} held out)")
         name, test_images, test_labels = link_real_dataset(Path(args.data), raw, args.cases, args.test_cases)
@@ -195,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
     dataset = str(dataset_id(name))
     cli = [sys.executable, "-m", "meddinov3_nnunet.cli"]
     _step("plan", [nnunet_tool("nnUNetv2_plan_and_preprocess"), "-d", dataset, "-c", "2d", "-np", "2"], env, log)
-    _step("plan", cli + ["plan", "-d", dataset, "--preset", args.preset], env, log)
+    weights = ["--weights", str(Path(args.weights).resolve())] if args.weights else []
+    _step("plan", cli + ["plan", "-d", dataset, "--preset", args.preset, *weights], env, log)
     _step("train", [nnunet_tool("nnUNetv2_train"), dataset, "2d_meddinov3", "0", "-tr", args.trainer,
                     "-device", args.device], env, log)
     predictions = workdir / "predictions"

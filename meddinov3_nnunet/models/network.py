@@ -102,8 +102,9 @@ class MedDINOv3Net(TokenSegmentationNet):
         self.decoder = build_decoder(decoder, len(self.tap_blocks), encoder.arch.embed_dim, num_classes,
                                      encoder.arch.patch_size, in_channels, image_skip, conv_path)
         self.vit_tokens = vit_tokens
-        if not vit_tokens:
+        if not vit_tokens:  # what feeds the encoder does not run either: frozen too (DDP fails on unused parameters)
             encoder.requires_grad_(False)
+            self.channel_adapter.requires_grad_(False)
         use_packed_linears(self)
 
     def check_input(self, x: torch.Tensor) -> None:

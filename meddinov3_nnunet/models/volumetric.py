@@ -125,8 +125,9 @@ class VolumetricMedDINOv3Net(TokenSegmentationNet):
         self.decoder = build_decoder(decoder, len(self.tap_blocks), encoder.arch.embed_dim, num_classes,
                                      encoder.arch.patch_size, in_channels, conv_path=conv_path)
         self.vit_tokens = vit_tokens
-        if not vit_tokens:
-            encoder.requires_grad_(False)
+        if not vit_tokens:  # slice input and mixers do not run either: frozen too (DDP fails on unused parameters)
+            for module in (encoder, self.slice_input, self.mixers):
+                module.requires_grad_(False)
         use_packed_linears(self)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

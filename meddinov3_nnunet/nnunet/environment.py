@@ -66,6 +66,16 @@ def nnunet_tool(name: str) -> str:
     return str(candidate) if candidate.exists() else (shutil.which(name) or name)
 
 
+USER_SETTING_PREFIXES = ("MEDDINOV3_", "DINOV3_")
+
+
+def without_user_settings(base: Mapping[str, str]) -> dict[str, str]:
+    """``base`` without the user's settings of this plugin (``MEDDINOV3_*``, ``DINOV3_*``: encoder weights, budgets,
+    precision, seed, ...), for the child runs of a tool that picks its own trainer and budget (demo, GPU check):
+    e.g. a ``MEDDINOV3_WEIGHTS`` naming a ViT-B file must not reach a tiny trainer. The tool adds what it sets."""
+    return {key: value for key, value in base.items() if not key.startswith(USER_SETTING_PREFIXES)}
+
+
 def plugin_environment(base: Mapping[str, str], few_workers: bool) -> dict[str, str]:
     """``base`` with this plugin's trainer folder added to ``nnUNet_extTrainer`` (other folders kept) and, with
     ``few_workers``, at most two nnU-Net augmentation/export workers unless ``base`` sets them: nnU-Net's own

@@ -24,7 +24,9 @@ class FinetuneRecipe:
 
 
 def build_optimizer(network: MedDINOv3Net, recipe: FinetuneRecipe) -> torch.optim.AdamW:
-    """AdamW with two groups: ``decoder`` (decoder + channel adapter) and ``encoder``."""
+    """AdamW with two groups: ``decoder`` (decoder + channel adapter) and ``encoder``. Frozen parameters (the
+    encoder's mask token) stay in their group: AdamW skips parameters without a gradient (no update, no weight
+    decay), and the groups keep the layout of optimizer states saved before they were frozen (``--c``)."""
     groups = [
         {"params": network.decoder_parameters(), "lr": recipe.decoder_lr, "name": "decoder"},
         {"params": list(network.encoder_parameters()), "lr": recipe.encoder_lr, "name": "encoder"},

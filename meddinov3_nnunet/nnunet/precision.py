@@ -1,9 +1,10 @@
 """Mixed precision for fine-tuning, validation and prediction: ``MEDDINOV3_AMP=auto|bf16|fp16|off``.
 
-``auto`` (the default): bf16 autocast on a CUDA GPU that supports it, fp16 autocast + loss scaling on older
-GPUs; on the CPU bf16 where the processor computes it natively (AVX512-BF16 or AMX, which oneDNN uses for
-matmuls and convolutions at about twice the fp32 rate), fp32 elsewhere (emulated bf16 is slower than fp32).
-``bf16`` / ``fp16`` force a dtype (fp16 always with a gradient scaler), ``off`` runs fp32.
+``auto`` (the default): bf16 autocast on a CUDA GPU that computes it natively (compute capability 8.0+: A100, H100,
+RTX 30xx on), fp16 autocast + loss scaling on older GPUs (V100, T4: torch emulates bf16 there, slowly); on the CPU
+bf16 where the processor computes it natively (AVX512-BF16 or AMX, which oneDNN uses for matmuls and convolutions at
+about twice the fp32 rate), fp32 elsewhere (emulated bf16 is slower than fp32). ``bf16`` / ``fp16`` force a dtype
+(bf16 also where it is emulated; fp16 always with a gradient scaler), ``off`` runs fp32.
 
 Nothing here changes process-wide state: the chosen dtypes are handed to the network, which opens its own
 ``torch.autocast`` context around each forward (see `MedDINOv3Net.autocast_dtypes`), so the same setting holds in
@@ -77,6 +78,17 @@ def cpu_bf16_flags() -> list[str]:
     return found
 
 
+def cuda_bf16_native() -> bool:
+    """Whether the current GPU computes bf16 natively. ``torch.cuda.is_bf16_supported()`` alone also counts the
+    emulation torch offers on V100 / T4, which runs far slower than fp16 there."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.3: no including_emulation argument
+        return bool(torch.version.hip) or torch.cuda.get_device_capability()[0] >= 8
+
+
 def resolve(device_type: str, mode: str | None = None) -> Precision:
     """The precision for ``device_type`` ('cuda', 'cpu', 'mps', ...) under ``mode`` (default: the env variable)."""
     mode = requested_mode(mode)
@@ -89,12 +101,14 @@ def resolve(device_type: str, mode: str | None = None) -> Precision:
                                  f"{device_type!r}; unset {ENV_VAR} or set it to off")
         return Precision(device_type, None, f"{source}: no autocast on {device_type}")
     if device_type == "cuda":
-        bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        native = cuda_bf16_native()
         if mode == "auto":
-            return (Precision("cuda", torch.bfloat16, f"{source}: the GPU supports bf16") if bf16_ok else
-                    Precision("cuda", torch.float16, f"{source}: the GPU has no bf16, fp16 with loss scaling"))
-        if mode == "bf16" and not bf16_ok:
-            raise PrecisionError(f"{source}: this GPU does not support bf16; set {ENV_VAR}=fp16 or auto")
+            return (Precision("cuda", torch.bfloat16, f"{source}: the GPU has native bf16") if native else
+                    Precision("cuda", torch.float16, f"{source}: the GPU has no native bf16, fp16 with loss scaling"))
+        if mode == "bf16" and not native:
+            if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+                raise PrecisionError(f"{source}: this GPU does not support bf16; set {ENV_VAR}=fp16 or auto")
+            return Precision("cuda", torch.bfloat16, f"{source}: emulated on this GPU, slower than fp16 (auto)")
         return Precision("cuda", DTYPES[mode], source)
     if mode == "auto":
         flags = cpu_bf16_flags()

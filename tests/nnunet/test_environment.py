@@ -1,5 +1,7 @@
 """nnU-Net's environment for the verbs: dataset ids and names, tool lookup, the logged subprocess runner, the
 plugin's trainer folder; the shared "preset name or path" loader; patch rounding."""
+import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -11,7 +13,7 @@ import meddinov3_nnunet
 from meddinov3_nnunet import named_files
 from meddinov3_nnunet.errors import InputError, UserError
 from meddinov3_nnunet.nnunet.environment import (CommandFailedError, dataset_id, find_dataset_name, nnunet_tool,
-                                                 plugin_environment, run_logged)
+                                                 plugin_environment, run_logged, without_user_settings)
 from meddinov3_nnunet.nnunet.planning import round_up_to_patch
 
 
@@ -47,6 +49,70 @@ def test_plugin_environment_adds_the_trainer_folder_once_and_keeps_user_choices(
     again = plugin_environment(env, few_workers=False)
     assert again["nnUNet_extTrainer"] == env["nnUNet_extTrainer"]
     assert "nnUNet_n_proc_DA" not in plugin_environment({}, few_workers=False)
+
+
+USER_SETTINGS = {"MEDDINOV3_WEIGHTS": "/weights/vitb16.pth", "DINOV3_WEIGHTS": "/weights/meta_vitb16.pth",
+                 "MEDDINOV3_NUM_EPOCHS": "500", "MEDDINOV3_BATCH_SIZE": "64", "MEDDINOV3_AMP": "fp16"}
+
+
+def leaked_user_settings(env: dict) -> list[str]:
+    """The names of ``USER_SETTINGS`` that ``env`` passes on unchanged (the tool's own budget is not a leak)."""
+    return sorted(key for key, value in USER_SETTINGS.items() if env.get(key) == value)
+
+
+class Stop(Exception):
+    """Ends a tool's pipeline at its first child run, once the run's command and environment are recorded."""
+
+
+def test_without_user_settings_drops_the_plugins_variables_only():
+    base = {**USER_SETTINGS, "PATH": "/usr/bin", "nnUNet_raw": "/raw", "OMP_NUM_THREADS": "1"}
+    assert without_user_settings(base) == {"PATH": "/usr/bin", "nnUNet_raw": "/raw", "OMP_NUM_THREADS": "1"}
+
+
+def test_demo_child_runs_get_the_demos_budget_and_weights_not_the_users(tmp_path, monkeypatch):
+    from meddinov3_nnunet import demo
+
+    for key, value in USER_SETTINGS.items():
+        monkeypatch.setenv(key, value)
+    runs = []
+
+    def record(command, env, log, echo=()):
+        runs.append((command, dict(env)))
+        if len(runs) == 2:  # nnU-Net's planning, then `meddinov3-nnunet plan`
+            raise Stop
+
+    monkeypatch.setattr(demo, "run_logged", record)
+    parser = argparse.ArgumentParser()
+    demo.configure_parser(parser)
+    args = parser.parse_args(["--workdir", str(tmp_path / "demo"), "--cases", "3", "--test-cases", "1",
+                              "--epochs", "2", "--weights", str(tmp_path / "tiny.pth")])
+    with pytest.raises(Stop):
+        demo.run(args)
+    for _, env in runs:
+        assert leaked_user_settings(env) == []
+        assert (env["MEDDINOV3_NUM_EPOCHS"], env["MEDDINOV3_ITERS_PER_EPOCH"]) == ("2", "40")  # the demo's own
+        assert env["nnUNet_raw"] == str(tmp_path / "demo" / "nnUNet_raw")
+    assert runs[1][0][-2:] == ["--weights", str(tmp_path / "tiny.pth")]  # weights only when given, via the plans
+
+
+def test_gpu_check_smoke_runs_get_the_checks_budget_not_the_users(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parents[2] / "benchmarks/gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    for key, value in USER_SETTINGS.items():
+        monkeypatch.setenv(key, value)
+    environments = []
+
+    def record(command, env=None, **kwargs):
+        environments.append(dict(env))
+        raise Stop
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", record)
+    with pytest.raises(Stop):
+        gpu_check.nnunet_smoke_section(gpu_check.torch.device("cpu"), tmp_path, dry_run=True)
+    (env,) = environments
+    assert leaked_user_settings(env) == []
+    assert env["MEDDINOV3_NUM_EPOCHS"] == "1" and env["nnUNet_results"] == str(tmp_path / "results")
 
 
 def test_run_logged_keeps_all_output_shows_chosen_lines_and_names_the_log_on_failure(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """The fine-tuning recipe: two AdamW groups and the per-epoch warm-up / linear-decay schedule."""
 import pytest
+import torch
 
 from meddinov3_nnunet.nnunet.finetune import FinetuneRecipe, WarmupLinearDecay, build_optimizer
 from meddinov3_nnunet.models.network import build_network
@@ -15,6 +16,22 @@ def test_optimizer_has_decoder_and_encoder_groups_covering_every_parameter_once(
     assert len(ids) == len(set(ids)) == len(list(net.parameters()))
     assert {id(p) for p in net.channel_adapter.parameters()} <= {id(p) for p in decoder["params"]}
     assert {id(p) for p in encoder["params"]} == {id(p) for p in net.encoder.parameters()}
+
+
+def test_frozen_mask_token_stays_in_its_group_unchanged_so_earlier_optimizer_states_still_load():
+    net = build_network("vit_tiny16", num_classes=3)
+    with torch.no_grad():
+        net.encoder.mask_token.fill_(1.0)
+    optimizer = build_optimizer(net, FinetuneRecipe())
+    # the state an nnU-Net checkpoint holds from before the mask token was frozen (resumed with --c)
+    earlier = build_network("vit_tiny16", num_classes=3)
+    earlier.encoder.mask_token.requires_grad_(True)
+    optimizer.load_state_dict(build_optimizer(earlier, FinetuneRecipe()).state_dict())
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        net(torch.randn(2, 1, 32, 32)).square().mean().backward()
+        optimizer.step()
+    assert torch.equal(net.encoder.mask_token.detach(), torch.ones_like(net.encoder.mask_token))  # no weight decay
 
 
 def test_linear_decay_without_warmup_steps_down_by_one_over_epochs():

@@ -37,6 +37,23 @@ def test_bf16_on_a_missing_gpu_is_a_clear_error():
         precision.resolve("cuda", "bf16")
 
 
+@pytest.mark.parametrize("capability, auto, bf16, old_torch", [
+    ((7, 0), torch.float16, "emulated", False),  # V100
+    ((7, 5), torch.float16, "emulated", True),  # T4 under torch < 2.3 (no including_emulation argument)
+    ((8, 0), torch.bfloat16, "MEDDINOV3_AMP=bf16", False)])  # A100
+def test_auto_picks_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, capability, auto, bf16, old_torch):
+    def is_bf16_supported(including_emulation=True):  # torch's rule: emulation counts unless told otherwise
+        return including_emulation or capability >= (8, 0)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", (lambda: True) if old_torch else is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    chosen = precision.resolve("cuda", "auto")
+    assert chosen.dtype is auto and chosen.needs_grad_scaler == (auto is torch.float16)
+    forced = precision.resolve("cuda", "bf16")  # an explicit request is honoured, emulated or not
+    assert forced.dtype is torch.bfloat16 and bf16 in forced.describe()
+
+
 def _fc1_dtype(net, x, context=None):
     seen = {}
     handle = net.encoder.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, out: seen.update(dtype=out.dtype))
