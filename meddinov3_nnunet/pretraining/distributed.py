@@ -1,6 +1,5 @@
 """The distributed context of a run: rank, world size and device from torchrun's environment, and the few
-collectives the loop needs (barrier, any, mean, sum, gather, and `DistContext.run_on_main` for long work on
-rank 0)."""
+collectives the loop needs (barrier, sum, gather, and `DistContext.run_on_main` for long work on rank 0)."""
 from __future__ import annotations
 
 import os
@@ -90,23 +89,6 @@ class DistContext:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on some rank."""
-        if self.world_size == 1:
-            return flag
-        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item() > 0)
-
-    def mean(self, values: dict[str, float]) -> dict[str, float]:
-        """Each value averaged over the ranks."""
-        if self.world_size == 1 or not values:
-            return values
-        keys = sorted(values)
-        tensor = torch.tensor([float(values[k]) for k in keys], device=self.device, dtype=torch.float64)
-        dist.all_reduce(tensor)
-        return {k: v / self.world_size for k, v in zip(keys, tensor.tolist())}
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over the ranks (on this rank's device; a NaN on any rank makes its entry NaN)."""
