@@ -24,11 +24,32 @@ ROWS = [
     ("MedDINOv3Trainer_S_slicemix_scratch", (2, 1, 40, 64, 48), "3d_fullres slice mixing, batch 2"),
     ("MedDINOv3Trainer_S_3d_scratch", (2, 1, 40, 64, 48), "3d_fullres 2.5D + mixing, batch 2"),
     ("MedDINOv3Trainer_S_3d_scratch", (2, 1, 40, 112, 80), "3d_meddinov3 2.5D + mixing, batch 2"),
+    ("MedDINOv3Trainer_S_skip_scratch", (32, 1, 64, 48), "2d image skip, batch 32"),
+    ("MedDINOv3Trainer_S_hybrid_scratch", (32, 1, 64, 48), "2d hybrid (conv pyramid + U-Net decoder), batch 32"),
+    ("MedDINOv3Trainer_S_hybrid_novit_scratch", (32, 1, 64, 48), "2d hybrid without the ViT (ablation), batch 32"),
+    ("MedDINOv3Trainer_S_hybrid_3d_scratch", (2, 1, 40, 64, 48), "3d_fullres hybrid, batch 2"),
+    ("MedDINOv3Trainer_S_hybrid_3d_novit_scratch", (2, 1, 40, 64, 48), "3d_fullres hybrid without the ViT, batch 2"),
+    ("nnU-Net 2d", (32, 1, 56, 40), "nnU-Net's 2d U-Net (Hippocampus plans), batch 32"),
+    ("nnU-Net 3d_fullres", (2, 1, 40, 56, 40), "nnU-Net's 3d_fullres U-Net (Hippocampus plans), batch 2"),
 ]
 
 
+def nnunet_unet(ndim: int) -> torch.nn.Module:
+    """nnU-Net's PlainConvUNet as its Hippocampus plans describe it (4 stages, widths 32-256, 3x3(x3) kernels), top
+    output only (its deep-supervision heads cost little)."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    conv, norm = (torch.nn.Conv2d, torch.nn.InstanceNorm2d) if ndim == 2 else (torch.nn.Conv3d, torch.nn.InstanceNorm3d)
+    return PlainConvUNet(1, 4, [32, 64, 128, 256], conv, 3, [1, 2, 2, 2], 2, 3, 2, conv_bias=True, norm_op=norm,
+                         norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU,
+                         nonlin_kwargs={"inplace": True}, deep_supervision=False)
+
+
 def step_time(trainer: str, shape: tuple[int, ...], steps: int) -> float:
-    network = getattr(trainers, trainer).build_plain_network(1, 3)
+    if trainer.startswith("nnU-Net"):
+        network = nnunet_unet(len(shape) - 2)
+    else:
+        network = getattr(trainers, trainer).build_plain_network(1, 3)
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
     x = torch.randn(shape)
     target = torch.randint(0, 3, (shape[0], *shape[2:]))
