@@ -14,7 +14,8 @@ Budget overrides for quick or benchmark runs (logged): ``MEDDINOV3_NUM_EPOCHS``,
 ``MEDDINOV3_ITERS_PER_EPOCH``, ``MEDDINOV3_VAL_ITERS``, ``MEDDINOV3_BATCH_SIZE``.
 
 Mixed precision (training, validation and ``nnUNetv2_predict``): ``MEDDINOV3_AMP=auto|bf16|fp16|off``, see
-`meddinov3_nnunet.nnunet.precision`.
+`meddinov3_nnunet.nnunet.precision`. Activation checkpointing: ``activation_checkpointing``, overridden by
+``MEDDINOV3_ACTIVATION_CHECKPOINTING=1|0`` (logged), see `meddinov3_nnunet.models.checkpointing`.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from meddinov3_nnunet.nnunet import precision
 from meddinov3_nnunet.nnunet.finetune import FinetuneRecipe, WarmupLinearDecay, build_optimizer
 from meddinov3_nnunet.errors import InputError
+from meddinov3_nnunet.models import checkpointing
 from meddinov3_nnunet.models.checkpoints import CheckpointError, SizeMismatchError, load_into, read_checkpoint
 from meddinov3_nnunet.models.network import MedDINOv3Net, build_network
 from meddinov3_nnunet.models.patch_size import with_patch_size
@@ -52,6 +54,7 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
     image_skip = False  # True: the decoder also sees the image at full resolution (conv skip, beyond the paper)
     vit_tokens = True  # False: ablation of the hybrid without the ViT (zeros in place of its tokens)
     layerscale_init = None  # None: the preset's start (1e-5); only a random encoder keeps it, weights overwrite it
+    activation_checkpointing = False  # True: encoder blocks, full-resolution decoder stages recompute in backward
 
     # encoder initialisation: "required" (error without weights), "optional" (random if none), "none"
     encoder_weights = "required"
@@ -76,6 +79,9 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
             f"{'multi-scale ' + str(self.tap_blocks or 'quarter-depth') if self.multiscale else 'single-scale'} "
             f"decoder{' + image skip' if self.image_skip else ''}; {self.recipe}")
         self.print_to_log_file(self.precision.describe(), also_print_to_console=False)
+        enabled, reason = checkpointing.requested(self.activation_checkpointing)
+        self.print_to_log_file(f"activation checkpointing {'on' if enabled else 'off'} ({reason})",
+                               also_print_to_console=False)
 
     # -- plans ------------------------------------------------------------------------------------
     @classmethod
@@ -113,6 +119,10 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
         network.autocast_dtypes = precision.autocast_dtypes()
         print(f"{cls.__name__}: " + "; ".join(precision.resolve(device_type).describe()
                                                for device_type in network.autocast_dtypes))
+        enabled, reason = checkpointing.requested(cls.activation_checkpointing)
+        if enabled:
+            wrapped = checkpointing.apply_activation_checkpointing(network)
+            print(f"{cls.__name__}: activation checkpointing ({reason}): {checkpointing.summary(wrapped)}")
         return network
 
     @classmethod

@@ -12,7 +12,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="planning preset in plans/ (default: the paper's rule; cpu: small, for CPU machines)")
     parser.add_argument("--target-size", type=int, help="target in-plane size in pixels (preset: 896 / 128)")
     parser.add_argument("--max-scale", type=float, help="largest in-plane upsampling factor (preset: 4 / 2)")
-    parser.add_argument("--batch-size", type=int, help="batch size instead of the token-budget rule")
+    parser.add_argument("--batch-size", type=int, help="batch size instead of the token and memory budgets (a warning "
+                                                       "when it does not fit --gpu-memory)")
+    parser.add_argument("--gpu-memory", type=float, metavar="GIB",
+                        help="GPU memory per GPU in GiB: the batch is the largest up to the token budget whose training "
+                             "step fits (estimated without a GPU; preset: 80 / none for cpu; 0: no memory budget)")
+    parser.add_argument("--trainer", default="MedDINOv3Trainer",
+                        help="the trainer whose step --gpu-memory fits (default MedDINOv3Trainer)")
+    parser.add_argument("--trainer-3d", default="MedDINOv3Trainer_3d",
+                        help="the same for 3d_meddinov3 (default MedDINOv3Trainer_3d)")
     parser.add_argument("-c", "--configuration-name", help="name of the new configuration (default 2d_meddinov3)")
     parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     parser.add_argument("--weights", help="encoder weights to fine-tune from, stored in the plans "
@@ -29,13 +37,18 @@ def run(args: argparse.Namespace) -> int:
     dataset_name, vit = plan(args.dataset, args.preset, args.plans, args.target_size, args.max_scale,
                              args.batch_size, args.configuration_name, args.weights,
                              preprocess=not args.no_preprocess, num_processes=args.num_processes,
-                             volumetric=not args.no_3d)
+                             volumetric=not args.no_3d, gpu_memory=args.gpu_memory, trainer=args.trainer,
+                             trainer_3d=args.trainer_3d)
     print(f"{dataset_name}: configuration {vit.configuration_name!r} — spacing {vit.spacing}, patch {vit.patch_size} "
           f"({vit.tokens_per_patch} tokens), batch {vit.batch_size}, in-plane upsampling x{vit.scale:g}")
-    print(f"train with: nnUNetv2_train {dataset_name} {vit.configuration_name} FOLD -tr MedDINOv3Trainer")
+    if vit.memory is not None:
+        print(f"  {vit.memory.describe()}")
+    print(f"train with: nnUNetv2_train {dataset_name} {vit.configuration_name} FOLD -tr {args.trainer}")
     if vit.volumetric is not None:
         v = vit.volumetric
         print(f"{dataset_name}: configuration {v.configuration_name!r} — spacing {v.spacing}, patch {v.patch_size} "
               f"({v.tokens_per_patch} tokens), batch {v.batch_size}; for the 3D trainers: "
-              f"nnUNetv2_train {dataset_name} {v.configuration_name} FOLD -tr MedDINOv3Trainer_3d")
+              f"nnUNetv2_train {dataset_name} {v.configuration_name} FOLD -tr {args.trainer_3d}")
+        if v.memory is not None:
+            print(f"  {v.memory.describe()}")
     return 0
