@@ -50,6 +50,10 @@ CUDA_FP32_OPS = frozenset({
 })
 # ops CUDA autocast runs in the lower precision that CPU autocast does not
 CUDA_LOWER_OPS = frozenset({"addmv", "addr", "mv", "chain_matmul", "multi_dot"})
+# ops autocast runs in the widest input type; CPU autocast under fp16 refuses bf16 inputs there (the MedDINOv3 flavour's
+# bf16 RoPE angles), CUDA's promotes them as PyTorch's type promotion does
+PROMOTE_OPS = frozenset({"cat", "concat", "concatenate", "stack", "index_put", "index_put_", "scatter_add", "addcdiv",
+                         "addcmul", "atan2", "cross", "dot", "vdot", "tensordot", "bilinear", "grid_sampler"})
 
 
 def _cast_floats(value, dtype: torch.dtype):
@@ -73,6 +77,9 @@ class CudaAutocastRules(TorchFunctionMode):
                      torch.get_autocast_dtype("cpu") if name in CUDA_LOWER_OPS else None)
             if dtype is not None:
                 args, kwargs = _cast_floats(args, dtype), {k: _cast_floats(v, dtype) for k, v in kwargs.items()}
+            elif name in PROMOTE_OPS and torch.get_autocast_dtype("cpu") == torch.float16:
+                with torch.autocast("cpu", enabled=False):
+                    return func(*args, **kwargs)
         return func(*args, **kwargs)
 
 

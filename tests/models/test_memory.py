@@ -154,7 +154,7 @@ def cuda_autocast(dtype):
         torch.set_autocast_dtype("cuda", previous[1])
 
 
-def fake_forward_saved(build, shape, device, rules) -> int:
+def fake_forward_saved(build, shape, device, rules, dtype=torch.bfloat16) -> int:
     with torch.device("meta"):
         network = build()
     network.train()
@@ -163,7 +163,7 @@ def fake_forward_saved(build, shape, device, rules) -> int:
     fake_on(network, mode, device)
     with mode:
         x = torch.empty(shape, device=device)
-        autocast = cuda_autocast(torch.bfloat16) if device == "cuda" else torch.autocast("cpu", dtype=torch.bfloat16)
+        autocast = cuda_autocast(dtype) if device == "cuda" else torch.autocast("cpu", dtype=dtype)
         with SavedTensors(exclude=network) as saved, autocast, rules():
             network(x)
     return saved.bytes
@@ -184,6 +184,20 @@ def test_cuda_rules_give_what_real_cuda_autocast_saves(decoder, image_skip):
     affine_copies = sum(2 * 2 * m[1].weight.numel() for m in build().modules() if isinstance(m, UpsampleStage))
     assert cuda - emulated == affine_copies
     assert cuda - plain_cpu > 50_000
+
+
+def test_cuda_rules_under_fp16():
+    """fp16 (GPUs without bf16): the same as real CUDA autocast to the byte (the decoder keeps CUDA's fp32 norm); CPU
+    autocast alone refuses the MedDINOv3 flavour's bf16 RoPE angles in a concatenation, CUDA's promotes them."""
+    def build():
+        return build_network("vit_tiny16", in_channels=1)
+
+    shape = (2, 1, 64, 64)
+    cuda = fake_forward_saved(build, shape, "cuda", contextlib.nullcontext, torch.float16)
+    assert fake_forward_saved(build, shape, "cpu", cuda_rules, torch.float16) == cuda
+    assert cuda > fake_forward_saved(build, shape, "cuda", contextlib.nullcontext) + 200_000  # bf16: norm in bf16
+    with pytest.raises(RuntimeError, match="Unexpected floating ScalarType"):
+        fake_forward_saved(build, shape, "cpu", contextlib.nullcontext, torch.float16)
 
 
 def test_the_decoder_keeps_bf16_maps_under_cuda_autocast():
