@@ -71,8 +71,9 @@ def _checkpointed_class(cls: type) -> type:
         def forward(self, *args, **kwargs):
             if not torch.is_grad_enabled():
                 return base_forward(self, *args, **kwargs)
-            return checkpoint(functools.partial(base_forward, self), *args, use_reentrant=False,
-                              context_fn=functools.partial(_contexts, _recompute_context), **kwargs)
+            contexts = {} if _recompute_context is None else {  # torch.compile takes dispatch modes only
+                "context_fn": functools.partial(_contexts, _recompute_context)}
+            return checkpoint(functools.partial(base_forward, self), *args, use_reentrant=False, **contexts, **kwargs)
 
         _classes[cls] = type(cls.__name__, (cls,), {"forward": forward, "activation_checkpointed": True,
                                                     "__module__": cls.__module__, "__doc__": cls.__doc__})

@@ -134,3 +134,26 @@ def test_a_network_of_unknown_layout_gets_its_marked_modules():
     tensor = 3 * 4 * 4
     assert eager.bytes == 3 * tensor  # linear input, GELU input, head input
     assert checkpointed.bytes == 2 * tensor  # the body's input (kept for the recompute), head input
+
+
+def test_a_compiled_checkpointed_network_gives_the_eager_gradients():
+    """nnU-Net compiles the network on CUDA: dynamo traces the checkpointed modules (aot_eager: dynamo and AOT
+    autograd without code generation), drop path included."""
+    torch.manual_seed(0)
+    eager = build_network("vit_tiny16", drop_path_rate=0.2).train()
+    wrapped = build_network("vit_tiny16", drop_path_rate=0.2).train()
+    wrapped.load_state_dict(eager.state_dict())
+    apply_activation_checkpointing(wrapped)
+    compiled = torch.compile(wrapped, backend="aot_eager")
+    x = torch.randn(4, 1, 64, 64)
+    losses = []
+    for network in (eager, compiled):
+        torch.manual_seed(5)
+        loss = network(x).square().mean()
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.equal(*losses)
+    grads = dict(wrapped.named_parameters())
+    for name, param in eager.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(grads[name].grad, param.grad, rtol=0, atol=0, msg=name)
