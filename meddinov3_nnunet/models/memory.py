@@ -175,7 +175,7 @@ class LiveStorages(TorchDispatchMode):
                 self.sizes[key] = tensor.untyped_storage().nbytes()
                 self.live += self.sizes[key]
             self.refs[key] = self.refs.get(key, 0) + 1
-            weakref.finalize(tensor, self._released, key)
+            weakref.finalize(tensor, self._released, key).atexit = False
         self.peak = max(self.peak, self.live)
         return out
 
