@@ -98,7 +98,8 @@ def build_predictor(row: str, plans: dict, dataset_json: dict, seed: int):
             network.autocast_dtypes = precision.autocast_dtypes(option)
     predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
     predictor.manual_initialization(network, plans_manager, configuration_manager, [network.state_dict()],
-                                    dataset_json, trainer_name, inference_allowed_mirroring_axes=(0, 1))
+                                    dataset_json, trainer_name,
+                                    inference_allowed_mirroring_axes=tuple(range(len(configuration_manager.patch_size))))
     forwards = {"count": 0, "seconds": 0.0}
 
     def before(module, inputs):
@@ -192,7 +193,7 @@ def main() -> int:
                   file=sys.stderr, flush=True)
     lines = [f"nnU-Net prediction on the CPU ({args.threads} thread(s), torch {torch.__version__}), "
              f"{args.cases} Hippocampus cases x {args.rounds} interleaved rounds, mirroring "
-             f"{'off' if args.no_mirroring else 'on (4 passes)'}, random weights.", "",
+             f"{'off' if args.no_mirroring else 'on (4 passes in 2D, 8 in 3D)'}, random weights.", "",
              "| row | patch | s / case (median, min-max) | forwards / case | ms / forward | forward share |",
              "|---|---|---|---|---|---|"]
     for row, entry in rows.items():

@@ -72,7 +72,20 @@ class UpsampleStage(nn.Sequential):
         return y.permute(0, 3, 1, 2)
 
 
-CONV_OPS = {2: (nn.Conv2d, nn.ConvTranspose2d, nn.InstanceNorm2d), 3: (nn.Conv3d, nn.ConvTranspose3d, nn.InstanceNorm3d)}
+class Conv3dCPUBf16Safe(nn.Conv3d):
+    """`nn.Conv3d` (same parameters and state dict) that runs in fp32 where torch's CPU bf16 kernel gets the weight
+    gradient wrong: input depth 2 with a kernel deeper than 1 (torch 2.14.1, oneDNN; measured: values up to 1e35 or NaN
+    that change from call to call, e.g. a 3D patch of depth 16 pooled three times). Elsewhere, and on GPUs, unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.shape[2] == 2 and self.kernel_size[0] > 1 and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+CONV_OPS = {2: (nn.Conv2d, nn.ConvTranspose2d, nn.InstanceNorm2d),
+            3: (Conv3dCPUBf16Safe, nn.ConvTranspose3d, nn.InstanceNorm3d)}
 
 
 def nnunet_conv_blocks(in_channels: int, out_channels: int, ndim: int = 2, kernel_size=3,

@@ -121,3 +121,27 @@ def test_ablation_without_the_vit_ignores_the_encoder_and_trains_only_the_conv_p
     assert torch.equal(before, after)  # zeros in the tokens' place: the encoder's weights cannot matter
     after.sum().backward()
     assert all(p.grad is not None for p in net.decoder.parameters())
+
+
+def test_3d_conv_blocks_give_stable_weight_gradients_at_depth_2_under_cpu_bf16():
+    """torch's CPU bf16 Conv3d weight gradient at input depth 2 changes from call to call (up to 1e35 or NaN); the
+    hybrid's 3D convolutions run those in fp32, so repeated backward passes agree and stay finite."""
+    from meddinov3_nnunet.models.decoder import nnunet_conv_blocks
+
+    torch.manual_seed(0)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        blocks = nnunet_conv_blocks(32, 32, ndim=3)
+        x = torch.randn(2, 32, 2, 8, 8)
+        grads = []
+        for _ in range(4):
+            blocks.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = blocks(x)
+            out.float().square().sum().backward()
+            grads.append(blocks.convs[0].conv.weight.grad.clone())
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert all(torch.equal(g, grads[0]) for g in grads[1:])
