@@ -77,7 +77,8 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
         self.print_to_log_file(
             f"{type(self).__name__}: encoder {self.encoder_preset} ({self.encoder_flavour} flavour), "
             f"{'multi-scale ' + str(self.tap_blocks or 'quarter-depth') if self.multiscale else 'single-scale'} "
-            f"decoder{' + image skip' if self.image_skip else ''}; {self.recipe}")
+            f"{self.decoder} decoder{' + image skip' if self.image_skip else ''}"
+            f"{'' if self.vit_tokens else ' (ablation: zeros in place of the ViT tokens)'}; {self.recipe}")
         self.print_to_log_file(self.precision.describe(), also_print_to_console=False)
         enabled, reason = checkpointing.requested(self.activation_checkpointing)
         self.print_to_log_file(f"activation checkpointing {'on' if enabled else 'off'} ({reason})",
