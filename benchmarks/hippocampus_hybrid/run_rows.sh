@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The hybrid rows of benchmarks/hippocampus_hybrid, one row at a time, each through `meddinov3-nnunet benchmark`
+# (cpu preset: 10 epochs x 50 iterations, batch 32 in 2D and 2 in 3D, fold 0 unless given), from a frozen copy of the
+# code (pip install --target SITE .) so that edits to the working tree cannot reach a running row.
+#   WORK=~/meddinov3_hippocampus_benchmark benchmarks/hippocampus_hybrid/run_rows.sh SITE "TRAINER:CONFIG|SEED|FOLD" ...
+# WORK holds nnU-Net's folders, planned and preprocessed by benchmarks/hippocampus/run.sh's step 1.
+set -uo pipefail
+REPO="$(cd "$(dirname "$0")/../.." && pwd)"
+WORK="${WORK:-$HOME/meddinov3_hippocampus_benchmark}"
+SITE=$1; shift
+export nnUNet_raw="$WORK/nnUNet_raw" nnUNet_preprocessed="$WORK/nnUNet_preprocessed" nnUNet_results="$WORK/nnUNet_results"
+export nnUNet_n_proc_DA=2 nnUNet_def_n_proc=2
+export PYTHONPATH=$SITE MEDDINOV3_NO_AUTOREGISTER=1 MEDDINOV3_AMP=bf16 nnUNet_extTrainer=$SITE/meddinov3_nnunet/nnunet_ext
+OUT="$REPO/benchmarks/hippocampus_hybrid"
+for spec in "$@"; do
+  IFS='|' read -r row seed fold <<< "$spec"
+  name="$(echo "${row%%:*}" | sed 's/MedDINOv3Trainer_//')_${row#*:}_s${seed}_f${fold}"
+  echo "=== $(date -u +%FT%T) start $row seed $seed fold $fold"
+  "$REPO/.venv/bin/python" -m meddinov3_nnunet.cli benchmark -d 4 --preset cpu --seeds "$seed" --folds "$fold" \
+      --rows "$row" -o "$OUT/runs/$name"
+  echo "=== $(date -u +%FT%T) end $row rc=$?"
+done
