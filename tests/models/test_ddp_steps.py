@@ -85,10 +85,9 @@ def _worker(rank: int, world_size: int, init_file: str, result_dir: str) -> None
 def test_every_network_family_trains_under_ddp_as_nnunet_wraps_it(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     world_size = 2
-    # fork: the ranks start in a moment with this process's imports (spawn re-imports torch, seconds per rank)
-    start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # spawn: fork is refused once this process has run autograd (any earlier test in the session)
     context = mp.start_processes(_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path)),
-                                 nprocs=world_size, join=False, start_method=start_method)
+                                 nprocs=world_size, join=False, start_method="spawn")
     deadline = time.monotonic() + 120
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
