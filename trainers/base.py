@@ -134,16 +134,11 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
     @classmethod
     def build_plain_network(cls, num_input_channels: int, num_output_channels: int,
                             configuration_manager: ConfigurationManager | None = None) -> MedDINOv3Net:
-        """The network the class attributes describe (the 3D trainers override this). With the configuration,
-        a hybrid's conv path is checked against its patch size."""
-        arch = cls.encoder_arch()
-        network = build_network(arch, in_channels=num_input_channels, num_classes=num_output_channels,
-                                multiscale=cls.multiscale, tap_blocks=cls.tap_blocks,
-                                drop_path_rate=cls.drop_path_rate, image_skip=cls.image_skip, decoder=cls.decoder,
-                                vit_tokens=cls.vit_tokens)
-        if cls.decoder == "hybrid" and configuration_manager is not None:
-            network.decoder.path.check_patch(configuration_manager.patch_size)
-        return network
+        """The network the class attributes describe (the 3D trainers override this and read the configuration's
+        plans; a 2D hybrid needs none: the patch, rounded to the token size, is divisible by its conv path)."""
+        return build_network(cls.encoder_arch(), in_channels=num_input_channels, num_classes=num_output_channels,
+                             multiscale=cls.multiscale, tap_blocks=cls.tap_blocks, drop_path_rate=cls.drop_path_rate,
+                             image_skip=cls.image_skip, decoder=cls.decoder, vit_tokens=cls.vit_tokens)
 
     def _plain_network(self) -> MedDINOv3Net:
         network = self.network.module if isinstance(self.network, DistributedDataParallel) else self.network

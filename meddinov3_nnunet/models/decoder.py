@@ -249,8 +249,8 @@ class HybridDecoder(nn.Module):
     transposed convolution (kernel = stride, as nnU-Net's decoder) to the level's width, concatenated with the
     `ConvPyramid`'s map of that level and fused by an nnU-Net stage block; a 1x1 conv gives the logits at the input
     resolution. In 3D the tokens come one per slice: they are averaged over the depth stride of the pyramid's last
-    level first (no parameters), so that they meet it. Generalises `ImageSkip` (level 0 alone).
-    ``tokens=False`` is the ablation without the ViT: zeros in the tokens' place, the same convolutions."""
+    level first (no parameters), so that they meet it. Generalises `ImageSkip` (level 0 alone). A patch not divisible
+    by the pyramid's total stride is refused with a `ValueError` naming both."""
 
     deep_supervision = False
 
@@ -274,18 +274,14 @@ class HybridDecoder(nn.Module):
     def forward(self, features: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
         if image is None:
             raise ValueError("the hybrid decoder needs the input image for its conv path")
+        self.path.check_patch(image.shape[2:])
         skips = self.pyramid(image)
         x = features
         if self.token_depth_pool > 1:
             x = F.avg_pool3d(x, (self.token_depth_pool, 1, 1))
         for level in reversed(range(len(self.up))):
             x = self.up[level](x)
-            skip = skips[level]
-            if x.shape[2:] != skip.shape[2:]:
-                raise ValueError(f"hybrid decoder: tokens upsampled to {tuple(x.shape[2:])} meet a conv map of "
-                                 f"{tuple(skip.shape[2:])} at level {level}; the patch size must be divisible by the "
-                                 f"conv path's total stride {list(self.path.total_stride)}")
-            x = self.fuse[level](torch.cat([x, skip.to(x.dtype)], dim=1))
+            x = self.fuse[level](torch.cat([x, skips[level].to(x.dtype)], dim=1))
         return self.head(x)
 
 

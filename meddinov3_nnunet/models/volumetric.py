@@ -135,8 +135,6 @@ class VolumetricMedDINOv3Net(TokenSegmentationNet):
         b, d, (h, w) = x.shape[0], x.shape[2], x.shape[-2:]
         encoder = self.encoder
         gh, gw = h // encoder.patch_size, w // encoder.patch_size
-        if self.volumetric_decoder:
-            self.decoder.path.check_patch(x.shape[2:])
         if not self.vit_tokens:
             zeros = x.new_zeros(b, len(self.tap_blocks) * encoder.arch.embed_dim, d, gh, gw)
             return self.decoder(zeros, x)
