@@ -20,6 +20,7 @@ Mixed precision (training, validation and ``nnUNetv2_predict``): ``MEDDINOV3_AMP
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -223,12 +224,14 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
     def trainer_names(cls, accept, preferred: str | None = None) -> list[str]:
         """Names of the loaded trainer classes (nnU-Net imports every module of the trainer folder) with the same
         input dimensionality, decoder, image skip and patch size as this one that ``accept``; ``preferred`` first if
-        among them, then the shortest names."""
+        among them, then the shortest names. Only classes nnU-Net can find by that name count (not classes made at
+        run time, e.g. by tests)."""
         found, stack = set(), [MedDINOv3Trainer]
         while stack:
             trainer = stack.pop()
             stack.extend(trainer.__subclasses__())
-            if accept(trainer) and trainer.build_plain_network.__func__ is cls.build_plain_network.__func__ \
+            findable = getattr(sys.modules.get(trainer.__module__), trainer.__name__, None) is trainer
+            if findable and accept(trainer) and trainer.build_plain_network.__func__ is cls.build_plain_network.__func__ \
                     and trainer.decoder == cls.decoder and trainer.multiscale == cls.multiscale \
                     and trainer.encoder_patch_size == cls.encoder_patch_size and trainer.image_skip == cls.image_skip \
                     and trainer.vit_tokens == cls.vit_tokens:
