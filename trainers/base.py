@@ -54,6 +54,7 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
     decoder = "aggregation"  # "projected" (1x1 projection of the taps, FlexiCT), "hybrid" (conv pyramid beside the ViT)
     image_skip = False  # True: the decoder also sees the image at full resolution (conv skip, beyond the paper)
     vit_tokens = True  # False: ablation of the hybrid without the ViT (zeros in place of its tokens)
+    token_injection = False  # True (2D hybrid): the conv path's 1/16 features added to the patch embeddings
     layerscale_init = None  # None: the preset's start (1e-5); only a random encoder keeps it, weights overwrite it
     activation_checkpointing = False  # True: encoder blocks, full-resolution decoder stages recompute in backward
 
@@ -79,6 +80,7 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
             f"{type(self).__name__}: encoder {self.encoder_preset} ({self.encoder_flavour} flavour), "
             f"{'multi-scale ' + str(self.tap_blocks or 'quarter-depth') if self.multiscale else 'single-scale'} "
             f"{self.decoder} decoder{' + image skip' if self.image_skip else ''}"
+            f"{' + token injection' if self.token_injection else ''}"
             f"{'' if self.vit_tokens else ' (ablation: zeros in place of the ViT tokens)'}; {self.recipe}")
         self.print_to_log_file(self.precision.describe(), also_print_to_console=False)
         enabled, reason = checkpointing.requested(self.activation_checkpointing)
@@ -139,7 +141,8 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
         plans; a 2D hybrid needs none: the patch, rounded to the token size, is divisible by its conv path)."""
         return build_network(cls.encoder_arch(), in_channels=num_input_channels, num_classes=num_output_channels,
                              multiscale=cls.multiscale, tap_blocks=cls.tap_blocks, drop_path_rate=cls.drop_path_rate,
-                             image_skip=cls.image_skip, decoder=cls.decoder, vit_tokens=cls.vit_tokens)
+                             image_skip=cls.image_skip, decoder=cls.decoder, vit_tokens=cls.vit_tokens,
+                             token_injection=cls.token_injection)
 
     def _plain_network(self) -> MedDINOv3Net:
         network = self.network.module if isinstance(self.network, DistributedDataParallel) else self.network
@@ -234,7 +237,7 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
             if findable and accept(trainer) and trainer.build_plain_network.__func__ is cls.build_plain_network.__func__ \
                     and trainer.decoder == cls.decoder and trainer.multiscale == cls.multiscale \
                     and trainer.encoder_patch_size == cls.encoder_patch_size and trainer.image_skip == cls.image_skip \
-                    and trainer.vit_tokens == cls.vit_tokens:
+                    and trainer.vit_tokens == cls.vit_tokens and trainer.token_injection == cls.token_injection:
                 found.add(trainer.__name__)
         return sorted(found, key=lambda name: (name != preferred, len(name), name))
 

@@ -96,3 +96,9 @@ class MedDINOv3Trainer_S_hybrid_3d_novit_scratch(MedDINOv3Trainer_S_hybrid_3d_sc
 class MedDINOv3Trainer_S_patch8_hybrid_scratch(MedDINOv3Trainer_S_hybrid_scratch):
     """The 2D hybrid with 8-px tokens: a three-level pyramid (1, 1/2, 1/4)."""
     encoder_patch_size = 8
+
+
+class MedDINOv3Trainer_S_hybrid_inject_scratch(MedDINOv3Trainer_S_hybrid_scratch):
+    """The 2D hybrid with PrimusV3-style token injection: the conv path's 1/16 features added to the patch
+    embeddings through a projection that starts at zero."""
+    token_injection = True

@@ -68,6 +68,8 @@ class MedDINOv3Trainer3DBase(MedDINOv3Trainer):
     def build_plain_network(cls, num_input_channels: int, num_output_channels: int,
                             configuration_manager: ConfigurationManager | None = None) -> VolumetricMedDINOv3Net:
         """``image_skip`` in 3D is the hybrid decoder: its conv path's first level is the full-resolution skip."""
+        if cls.token_injection:
+            raise ValueError(f"{cls.__name__}: token injection is built for the 2D hybrid only")
         arch = cls.encoder_arch()
         decoder = "hybrid" if cls.image_skip else cls.decoder
         return build_volumetric_network(arch, num_input_channels, num_output_channels, context=cls.context,

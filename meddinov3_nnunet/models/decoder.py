@@ -254,7 +254,8 @@ class HybridDecoder(nn.Module):
 
     deep_supervision = False
 
-    def __init__(self, token_channels: int, image_channels: int, num_classes: int, path: ConvPath):
+    def __init__(self, token_channels: int, image_channels: int, num_classes: int, path: ConvPath,
+                 inject_dim: int = 0):
         super().__init__()
         self.path = path
         conv, transposed, _ = CONV_OPS[path.ndim]
@@ -270,12 +271,20 @@ class HybridDecoder(nn.Module):
         self.head = conv(path.widths[0], num_classes, kernel_size=1)
         self.token_depth_pool = path.total_stride[0] if path.ndim == 3 else 1
         self.apply(InitWeights_He(1e-2))
+        self.injection = TokenInjection(path, inject_dim) if inject_dim else None
 
-    def forward(self, features: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+    def conv_features(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """The pyramid's maps of ``image`` (a patch not divisible by its total stride: `ValueError`)."""
+        self.path.check_patch(image.shape[2:])
+        return self.pyramid(image)
+
+    def forward(self, features: torch.Tensor, image: torch.Tensor | None = None,
+                skips: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``skips``: `conv_features` of ``image`` when the caller has them already (token injection)."""
         if image is None:
             raise ValueError("the hybrid decoder needs the input image for its conv path")
-        self.path.check_patch(image.shape[2:])
-        skips = self.pyramid(image)
+        if skips is None:
+            skips = self.conv_features(image)
         x = features
         if self.token_depth_pool > 1:
             x = F.avg_pool3d(x, (self.token_depth_pool, 1, 1))
@@ -285,14 +294,38 @@ class HybridDecoder(nn.Module):
         return self.head(x)
 
 
+class TokenInjection(nn.Module):
+    """PrimusV3-style injection of the conv path into the ViT: one more nnU-Net stage block (stride 2) on the 2D
+    pyramid's last level brings it to the token grid, a 1x1 convolution that starts at zero maps it to the embedding
+    width; the result (B, h, w, D) is added to the patch embeddings, so that training starts from the plain
+    hybrid."""
+
+    def __init__(self, path: ConvPath, embed_dim: int):
+        super().__init__()
+        if path.ndim != 2:
+            raise ValueError("token injection is built for the 2D hybrid only")
+        width = path.widths[-1]
+        self.down = nnunet_conv_blocks(width, min(2 * width, 320), 2, path.kernels[-1], (2, 2))
+        self.down.apply(InitWeights_He(1e-2))
+        self.project = nn.Conv2d(min(2 * width, 320), embed_dim, kernel_size=1)
+        nn.init.zeros_(self.project.weight)
+        nn.init.zeros_(self.project.bias)
+
+    def forward(self, deepest: torch.Tensor) -> torch.Tensor:
+        return self.project(self.down(deepest)).permute(0, 2, 3, 1)
+
+
 DECODERS = ("aggregation", "projected", "hybrid")
 
 
 def build_decoder(kind: str, num_taps: int, embed_dim: int, num_classes: int, patch_size: int,
-                  image_channels: int = 0, image_skip: bool = False, conv_path: ConvPath | None = None) -> nn.Module:
+                  image_channels: int = 0, image_skip: bool = False, conv_path: ConvPath | None = None,
+                  token_injection: bool = False) -> nn.Module:
     """A decoder for ``num_taps`` concatenated taps of width ``embed_dim``. ``image_skip`` (aggregation and projected):
     the full-resolution `ImageSkip` on the ``image_channels`` input channels; ``hybrid``: `HybridDecoder` with
-    ``conv_path`` (default: `ConvPath.default` in 2D)."""
+    ``conv_path`` (default: `ConvPath.default` in 2D), and with ``token_injection`` its `TokenInjection` (2D)."""
+    if token_injection and kind != "hybrid":
+        raise ValueError(f"token injection needs the hybrid decoder's conv path, not the {kind!r} decoder")
     skip_channels = image_channels if image_skip else 0
     if kind == "aggregation":
         return TokenAggregationDecoder(num_taps * embed_dim, num_classes, patch_size, skip_channels)
@@ -302,5 +335,5 @@ def build_decoder(kind: str, num_taps: int, embed_dim: int, num_classes: int, pa
         if image_skip:
             raise ValueError("the hybrid decoder's conv path already starts at full resolution: no image skip")
         return HybridDecoder(num_taps * embed_dim, image_channels, num_classes,
-                             conv_path or ConvPath.default(patch_size))
+                             conv_path or ConvPath.default(patch_size), embed_dim if token_injection else 0)
     raise ValueError(f"unknown decoder {kind!r}; choose one of {DECODERS}")

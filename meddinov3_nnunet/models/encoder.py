@@ -131,16 +131,23 @@ class DINOv3Encoder(Eva):
         set_drop_path(self, drop_path_rate, drop_path_mode)
 
     # -- token pipeline -------------------------------------------------------------------------
-    def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None):
+    def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None,
+                       patch_offset: torch.Tensor | None = None):
         """Image (B, 3, H, W) -> tokens (B, 1 + R + N, D) and the RoPE embedding for the grid.
 
         ``masks`` (B, N) bool replaces those patch tokens by ``mask_token`` before the prefix
-        tokens are added, as DINOv3's iBOT branch does.
+        tokens are added, as DINOv3's iBOT branch does. ``patch_offset`` (B, h, w, D) is added to the patch
+        embeddings (a hybrid network's conv features injected into the tokens).
         """
         if x.ndim != 4:
             raise ValueError(f"expected an image batch of shape (B, C, H, W), got {tuple(x.shape)}")
         check_image_size(x.shape[-2], x.shape[-1], self.patch_size)
         tokens = self.patch_embed(x)  # (B, h, w, D)
+        if patch_offset is not None:
+            if patch_offset.shape != tokens.shape:
+                raise ValueError(f"patch_offset must have the patch grid's shape {tuple(tokens.shape)}, "
+                                 f"got {tuple(patch_offset.shape)}")
+            tokens = tokens + patch_offset.to(tokens.dtype)
         if masks is not None:
             b, h, w, d = tokens.shape
             if masks.shape != (b, h * w):
@@ -184,15 +191,17 @@ class DINOv3Encoder(Eva):
         return_class_token: bool = False,
         return_extra_tokens: bool = False,
         norm: bool = True,
+        patch_offset: torch.Tensor | None = None,
     ):
         """Same semantics as DINOv3's ``DinoVisionTransformer.get_intermediate_layers``.
 
         ``n`` is the number of last blocks (int) or explicit 0-based block indices. Returns a tuple of
         patch tokens (B, N, D), or (B, D, h, w) with ``reshape``; with ``return_class_token`` /
         ``return_extra_tokens`` each entry is a tuple that adds the CLS (B, D) / register (B, R, D) tokens.
+        ``patch_offset``: see `prepare_tokens`.
         """
         indices = self._resolve_block_indices(n)
-        tokens, rope = self.prepare_tokens(x)
+        tokens, rope = self.prepare_tokens(x, patch_offset=patch_offset)
         _, outputs = self._run_blocks(tokens, rope, take=indices)
         # _run_blocks returns in block order; the caller's order is kept
         by_index = dict(zip(sorted(set(indices)), outputs))

@@ -86,11 +86,14 @@ class MedDINOv3Net(TokenSegmentationNet):
     with its conv path beside the ViT). ``image_skip``: the decoder also sees the input image at full resolution
     (`ImageSkip`; all input channels, before the channel adapter). ``vit_tokens=False`` (ablation): zeros in place
     of the ViT's tokens, the encoder neither runs nor trains (its weights stay, so checkpoints keep their layout).
+    ``token_injection`` (hybrid only): the conv path's 1/16 features are added to the patch embeddings through a
+    projection that starts at zero (`TokenInjection`).
     """
 
     def __init__(self, encoder: DINOv3Encoder, in_channels: int, num_classes: int,
                  multiscale: bool = True, tap_blocks: Sequence[int] | None = None, image_skip: bool = False,
-                 decoder: str = "aggregation", conv_path: ConvPath | None = None, vit_tokens: bool = True):
+                 decoder: str = "aggregation", conv_path: ConvPath | None = None, vit_tokens: bool = True,
+                 token_injection: bool = False):
         super().__init__()
         depth = encoder.arch.depth
         if tap_blocks is None:
@@ -100,7 +103,9 @@ class MedDINOv3Net(TokenSegmentationNet):
         self.encoder = encoder
         encoder.mask_token.requires_grad_(False)  # iBOT's (pretraining): unused here, DDP fails on unused parameters
         self.decoder = build_decoder(decoder, len(self.tap_blocks), encoder.arch.embed_dim, num_classes,
-                                     encoder.arch.patch_size, in_channels, image_skip, conv_path)
+                                     encoder.arch.patch_size, in_channels, image_skip, conv_path, token_injection)
+        if token_injection and not vit_tokens:
+            raise ValueError("token injection feeds the ViT: it cannot go with vit_tokens=False")
         self.vit_tokens = vit_tokens
         if not vit_tokens:  # what feeds the encoder does not run either: frozen too (DDP fails on unused parameters)
             encoder.requires_grad_(False)
@@ -128,9 +133,14 @@ class MedDINOv3Net(TokenSegmentationNet):
         if not self.vit_tokens:
             width = len(self.tap_blocks) * self.encoder.arch.embed_dim
             return self.decoder(x.new_zeros(grid[:3] + (width,)).permute(0, 3, 1, 2), x)
-        tokens = self.encoder.get_intermediate_layers(self.channel_adapter(x), n=self.tap_blocks, norm=True)
+        injection = getattr(self.decoder, "injection", None)
+        skips = self.decoder.conv_features(x) if injection is not None else None
+        tokens = self.encoder.get_intermediate_layers(self.channel_adapter(x), n=self.tap_blocks, norm=True,
+                                                      patch_offset=injection(skips[-1]) if skips else None)
         # concatenated channels-last (B, h, w, taps * D), handed to the decoder as an NCHW view without a copy
         features = torch.cat([t.reshape(grid) for t in tokens], dim=-1)
+        if skips is not None:
+            return self.decoder(features.permute(0, 3, 1, 2), x, skips=skips)
         return self.decoder(features.permute(0, 3, 1, 2), x)  # the decoder uses the image only with a conv path
 
 
@@ -147,7 +157,7 @@ def build_network(encoder: EncoderArch | str | DINOv3Encoder = "vit_b16", in_cha
                   multiscale: bool = True, tap_blocks: Sequence[int] | None = None, flavour: str = "meddinov3",
                   drop_path_rate: float = 0.0, drop_path_mode: str = "batch_subset",
                   image_skip: bool = False, decoder: str = "aggregation", conv_path: ConvPath | None = None,
-                  vit_tokens: bool = True) -> MedDINOv3Net:
+                  vit_tokens: bool = True, token_injection: bool = False) -> MedDINOv3Net:
     """Network with a random encoder from a preset name / `EncoderArch`, or around a given encoder
     (whose drop path is then kept)."""
     if isinstance(encoder, str):
@@ -155,4 +165,5 @@ def build_network(encoder: EncoderArch | str | DINOv3Encoder = "vit_b16", in_cha
     if isinstance(encoder, EncoderArch):
         encoder = build_encoder(encoder, drop_path_rate=drop_path_rate, drop_path_mode=drop_path_mode)
     return MedDINOv3Net(encoder, in_channels, num_classes, multiscale=multiscale, tap_blocks=tap_blocks,
-                        image_skip=image_skip, decoder=decoder, conv_path=conv_path, vit_tokens=vit_tokens)
+                        image_skip=image_skip, decoder=decoder, conv_path=conv_path, vit_tokens=vit_tokens,
+                        token_injection=token_injection)

@@ -145,3 +145,47 @@ def test_3d_conv_blocks_give_stable_weight_gradients_at_depth_2_under_cpu_bf16()
         torch.set_num_threads(torch_threads)
     assert all(torch.isfinite(g).all() for g in grads)
     assert all(torch.equal(g, grads[0]) for g in grads[1:])
+
+
+@pytest.mark.parametrize("patch_size", [16, 8])
+def test_token_injection_starts_as_the_plain_hybrid_and_then_feeds_the_encoder(patch_size):
+    from meddinov3_nnunet.models.presets import preset
+
+    arch = preset("vit_tiny16", patch_size=patch_size)
+    torch.manual_seed(0)
+    plain = build_network(arch, in_channels=2, num_classes=3, decoder="hybrid")
+    injecting = build_network(arch, in_channels=2, num_classes=3, decoder="hybrid", token_injection=True)
+    assert injecting.encoder.state_dict().keys() == plain.encoder.state_dict().keys()
+    missing, unexpected = injecting.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("decoder.injection.") for k in missing)
+    injection_ids = {id(p) for p in injecting.decoder.injection.parameters()}
+    assert injection_ids <= {id(p) for p in injecting.decoder_parameters()}
+    x = torch.randn(2, 2, 32, 48)
+    plain.eval(), injecting.eval()
+    torch.testing.assert_close(injecting(x), plain(x), rtol=0, atol=0)  # the projection starts at zero
+    # the zero projection gets a gradient, so the conv features reach the tokens after one step
+    injecting.train()(x).square().mean().backward()
+    grad = injecting.decoder.injection.project.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    with torch.no_grad():
+        injecting.decoder.injection.project.weight.sub_(grad.sign() * 1e-2)
+    injecting.eval()
+    assert not torch.allclose(injecting(x), plain(x))
+    tokens = injecting.decoder.injection(injecting.decoder.conv_features(x)[-1])
+    assert tokens.shape == (2, 32 // patch_size, 48 // patch_size, arch.embed_dim)
+
+
+def test_token_injection_is_refused_where_it_cannot_work():
+    with pytest.raises(ValueError, match="needs the hybrid decoder"):
+        build_network("vit_tiny16", token_injection=True)
+    with pytest.raises(ValueError, match="cannot go with vit_tokens=False"):
+        build_network("vit_tiny16", decoder="hybrid", token_injection=True, vit_tokens=False)
+    from meddinov3_nnunet.models.decoder import TokenInjection
+
+    with pytest.raises(ValueError, match="2D hybrid only"):
+        TokenInjection(ConvPath.default(16, ndim=3), 96)
+    from meddinov3_nnunet.models.encoder import build_encoder
+
+    encoder = build_encoder("vit_tiny16")
+    with pytest.raises(ValueError, match="patch grid's shape"):
+        encoder.prepare_tokens(torch.randn(1, 3, 32, 32), patch_offset=torch.zeros(1, 3, 2, 96))

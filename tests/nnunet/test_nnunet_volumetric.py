@@ -111,6 +111,7 @@ def test_benchmark_trainer_trains_and_predicts_at_smoke_budget(workspace, traine
     ("MedDINOv3Trainer_S_hybrid_novit_scratch", "2d", [64, 48]),  # the hybrids' ablation rows
     ("MedDINOv3Trainer_S_hybrid_3d_novit_scratch", "3d_fullres", [40, 64, 48]),
     ("MedDINOv3Trainer_S_patch8_hybrid_scratch", "2d", [56, 40]),
+    ("MedDINOv3Trainer_S_hybrid_inject_scratch", "2d", [64, 48]),  # token injection: its projection moves too
 ])
 def test_design_trainers_are_found_by_nnunet_and_take_a_training_step_on_its_patch(workspace, monkeypatch,
                                                                                    trainer_name, configuration, patch):
