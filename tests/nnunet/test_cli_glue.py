@@ -89,7 +89,7 @@ def test_doctor_prints_the_trainer_folder():
 @pytest.mark.slow  # the whole demo pipeline: nnU-Net planning, training, prediction
 def test_demo_runs_the_pipeline_on_synthetic_data(tmp_path):
     result = subprocess.run([sys.executable, "-m", "meddinov3_nnunet.cli", "demo", "--workdir", str(tmp_path),
-                             "--cases", "8", "--test-cases", "2", "--epochs", "2", "--iterations", "6"],
+                             "--cases", "8", "--test-cases", "2", "--epochs", "1", "--iterations", "4"],
                             capture_output=True, text=True, env=Workspace(tmp_path / "unused").env())
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "SYNTHETIC" in result.stdout and "Dice on the held-out cases" in result.stdout
