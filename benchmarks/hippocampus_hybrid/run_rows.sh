@@ -4,19 +4,24 @@
 # code (pip install --target SITE .) so that edits to the working tree cannot reach a running row.
 #   WORK=~/meddinov3_hippocampus_benchmark benchmarks/hippocampus_hybrid/run_rows.sh SITE "TRAINER:CONFIG|SEED|FOLD" ...
 # WORK holds nnU-Net's folders, planned and preprocessed by benchmarks/hippocampus/run.sh's step 1.
+# The learning curve's 2000-step rows: PRESET=benchmarks/hippocampus_hybrid/cpu_2000.json (their own nnU-Net results
+# folder, WORK/nnUNet_results_cpu_2000, and run folders named ..._cpu_2000).
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 WORK="${WORK:-$HOME/meddinov3_hippocampus_benchmark}"
+PRESET="${PRESET:-cpu}"
+TAG="$([ "$PRESET" = cpu ] || basename "$PRESET" .json)"
 SITE=$1; shift
-export nnUNet_raw="$WORK/nnUNet_raw" nnUNet_preprocessed="$WORK/nnUNet_preprocessed" nnUNet_results="$WORK/nnUNet_results"
+export nnUNet_raw="$WORK/nnUNet_raw" nnUNet_preprocessed="$WORK/nnUNet_preprocessed"
+export nnUNet_results="$WORK/nnUNet_results${TAG:+_$TAG}"
 export nnUNet_n_proc_DA=2 nnUNet_def_n_proc=2
 export PYTHONPATH=$SITE MEDDINOV3_NO_AUTOREGISTER=1 MEDDINOV3_AMP=bf16 nnUNet_extTrainer=$SITE/meddinov3_nnunet/nnunet_ext
 OUT="$REPO/benchmarks/hippocampus_hybrid"
 for spec in "$@"; do
   IFS='|' read -r row seed fold <<< "$spec"
-  name="$(echo "${row%%:*}" | sed 's/MedDINOv3Trainer_//')_${row#*:}_s${seed}_f${fold}"
+  name="$(echo "${row%%:*}" | sed 's/MedDINOv3Trainer_//')_${row#*:}_s${seed}_f${fold}${TAG:+_$TAG}"
   echo "=== $(date -u +%FT%T) start $row seed $seed fold $fold"
-  "$REPO/.venv/bin/python" -m meddinov3_nnunet.cli benchmark -d 4 --preset cpu --seeds "$seed" --folds "$fold" \
+  "$REPO/.venv/bin/python" -m meddinov3_nnunet.cli benchmark -d 4 --preset "$PRESET" --seeds "$seed" --folds "$fold" \
       --rows "$row" -o "$OUT/runs/$name"
   echo "=== $(date -u +%FT%T) end $row rc=$?"
 done
