@@ -110,6 +110,20 @@ class IBotConfig(HeadLossConfig):
 
 
 @dataclass
+class MimConfig:
+    """Masked-image reconstruction beside iBOT: a linear head on the student's masked patch tokens regresses the
+    pixels of those patches (SimMIM: L1 on raw pixels; MAE: MSE on per-patch normalised pixels)."""
+
+    enabled: bool = False
+    loss_weight: float = 1.0
+    norm_pixels: bool = True  # MAE's targets: each patch minus its mean, over sqrt(var + 1e-6)
+    loss: str = "l1"  # 'l1' (SimMIM) | 'mse' (MAE)
+
+
+MIM_LOSSES = ("l1", "mse")
+
+
+@dataclass
 class GramConfig:
     enabled: bool = False
     teacher: typing.Optional[str] = None  # frozen Gram teacher: a run checkpoint or an encoder checkpoint
@@ -191,6 +205,7 @@ class PretrainConfig:
     crops: CropsConfig = field(default_factory=CropsConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)
     ibot: IBotConfig = field(default_factory=IBotConfig)
+    mim: MimConfig = field(default_factory=MimConfig)
     gram: GramConfig = field(default_factory=GramConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -2,7 +2,7 @@
 that names the key and what it must be."""
 from __future__ import annotations
 
-from .config import LR_SCALING_RULES, ConfigError, CropsConfig, PretrainConfig, flatten, resolutions
+from .config import LR_SCALING_RULES, MIM_LOSSES, ConfigError, CropsConfig, PretrainConfig, flatten, resolutions
 
 # Fixed-length list fields: key -> length
 _PAIRS = {
@@ -80,6 +80,15 @@ def check_config(config: PretrainConfig) -> None:
         if schedule.cosine_iterations is not None and (schedule.cosine_iterations < 1 or too_long):
             fail(f"optim.{key}.cosine_iterations", f"must be at least 1 and, with the warm-up, at most "
                                                    f"optim.iterations ({config.optim.iterations})")
+    mim = config.mim
+    if mim.loss_weight < 0:
+        fail("mim.loss_weight", f"must be 0 or more, got {mim.loss_weight}")
+    if mim.loss not in MIM_LOSSES:
+        fail("mim.loss", f"unknown loss {mim.loss!r}; choose 'l1' (SimMIM) or 'mse' (MAE)")
+    if mim.enabled and (config.ibot.mask_sample_probability <= 0 or config.ibot.mask_ratio_min_max[1] <= 0):
+        fail("mim.enabled", "the masked-pixel objective reconstructs the patches iBOT masks, but this recipe masks "
+                            f"none (ibot.mask_sample_probability {config.ibot.mask_sample_probability}, "
+                            f"ibot.mask_ratio_min_max {config.ibot.mask_ratio_min_max}); set both above 0")
     gram = config.gram
     if gram.refresh_every < 0 or gram.refresh_first < 0 or (gram.refresh_max is not None and gram.refresh_max < 0):
         fail("gram.refresh_every", "refresh_every, refresh_first and refresh_max must not be negative")

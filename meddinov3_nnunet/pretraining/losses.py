@@ -13,6 +13,8 @@ What comes from lightly and what is written here:
   Sinkhorn-Knopp probabilities through lightly's classes would need log-probabilities as fake logits and a
   centre that must stay zero, so the two cross-entropies (a few lines each) follow DINOv3 directly.
 * Sinkhorn-Knopp and the Gram loss do not exist in lightly.
+* `masked_pixel_loss` (the optional ``mim`` objective) is SimMIM's / MAE's pixel regression on masked patches,
+  not part of DINOv3.
 
 All functions reduce across distributed ranks exactly where DINOv3 does (Sinkhorn-Knopp sums), so a run on
 N ranks computes the same numbers as one process holding the whole batch.
@@ -28,7 +30,7 @@ from lightly.loss import KoLeoLoss
 from torch import nn
 
 __all__ = ["sinkhorn_knopp", "dino_cross_entropy", "ibot_masked_cross_entropy", "KoLeoLoss", "koleo_loss",
-           "GramLoss"]
+           "GramLoss", "masked_pixel_loss", "patch_pixels"]
 
 
 def _distributed() -> bool:
@@ -162,3 +164,30 @@ class GramLoss(nn.Module):
         if self.remove_negatives == "both":
             student_gram = student_gram.clamp(min=0.0)
         return F.mse_loss(student_gram, teacher_gram)
+
+
+def patch_pixels(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) images -> (B, N, C * p * p) float32 patches in the encoder's token order (row-major over the
+    h x w grid, as ``patch_embed`` flattens it); each patch's pixels row-major, channel first."""
+    return F.unfold(images.float(), kernel_size=patch_size, stride=patch_size).transpose(1, 2)
+
+
+def masked_pixel_loss(pred: torch.Tensor, images: torch.Tensor, mask_indices: torch.Tensor, patch_size: int,
+                      norm_pixels: bool = True, kind: str = "l1") -> torch.Tensor:
+    """Masked-image reconstruction loss, in float32: ``pred`` (M, C * p * p) for the masked tokens
+    ``mask_indices`` (indices into the flattened (B, N) token grid) against those patches of ``images``
+    (B, C, H, W).
+
+    ``norm_pixels``: MAE's targets, each patch minus its mean over sqrt(var + 1e-6) (``var`` unbiased, as MAE's
+    ``target.var(dim=-1)``). ``kind``: 'l1' (SimMIM) or 'mse' (MAE), the mean over every masked pixel (both papers
+    average over the masked patches only)."""
+    target = patch_pixels(images, patch_size).flatten(0, 1).index_select(0, mask_indices)
+    if norm_pixels:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6).sqrt()
+    if kind == "l1":
+        return F.l1_loss(pred.float(), target)
+    if kind == "mse":
+        return F.mse_loss(pred.float(), target)
+    raise ValueError(f"kind must be 'l1' or 'mse', got {kind!r}")

@@ -1,8 +1,8 @@
 """The self-distillation networks: projection heads, student/teacher branches, the masked forward, the optimiser's
 parameter groups, and initialisation from earlier checkpoints.
 
-A *branch* is DINOv3's ``{backbone, dino_head, ibot_head}``; the student is trained, the teacher is its EMA, and
-the Gram teacher (stages 2-3) is a frozen backbone only.
+A *branch* is DINOv3's ``{backbone, dino_head, ibot_head}`` (+ ``pixel_head`` with ``mim.enabled``); the student
+is trained, the teacher is its EMA, and the Gram teacher (stages 2-3) is a frozen backbone only.
 """
 from __future__ import annotations
 
@@ -75,12 +75,16 @@ class DINOHead(ProjectionHead):
 
 
 class Branch(nn.Module):
-    """Backbone + DINO head (CLS) + iBOT head (masked patch tokens). Images are (B, 1, H, W) grey slices; the
-    grey channel is copied to the encoder's RGB stem, as the fine-tuning network does."""
+    """Backbone + DINO head (CLS) + iBOT head (masked patch tokens) + optionally a pixel head (``mim``: one
+    linear layer from a masked patch token to its p x p grey pixels, SimMIM's head). Images are (B, 1, H, W) grey
+    slices; the grey channel is copied to the encoder's RGB stem, as the fine-tuning network does. The teacher is
+    a deep copy (the EMA update pairs parameters), so it carries an unused pixel head too."""
 
-    def __init__(self, backbone: DINOv3Encoder, dino_head: DINOHead, ibot_head: DINOHead):
+    def __init__(self, backbone: DINOv3Encoder, dino_head: DINOHead, ibot_head: DINOHead,
+                 pixel_head: nn.Linear | None = None):
         super().__init__()
         self.backbone, self.dino_head, self.ibot_head = backbone, dino_head, ibot_head
+        self.pixel_head = pixel_head  # None: no parameters, the state dict as without mim
 
     def _stem(self, images: torch.Tensor) -> torch.Tensor:
         return images.expand(-1, self.backbone.arch.in_chans, -1, -1) if images.shape[1] == 1 else images
@@ -96,13 +100,16 @@ class Branch(nn.Module):
         cls = torch.cat([global_out["x_norm_clstoken"], local_out["x_norm_clstoken"]])
         cls_logits = self.dino_head(cls)
         n_global = global_crops.shape[0]
-        return {
+        out = {
             "global_cls": global_out["x_norm_clstoken"],  # (2B, D), for KoLeo
             "global_patches": patches,  # (2B, N, D), for the Gram loss
             "global_cls_logits": cls_logits[:n_global],
             "local_cls_logits": cls_logits[n_global:],
             "masked_patch_logits": self.ibot_head(masked_tokens),  # (M, K_ibot)
         }
+        if self.pixel_head is not None:
+            out["masked_pixel_pred"] = self.pixel_head(masked_tokens)  # (M, p * p), for the mim loss
+        return out
 
     @torch.no_grad()
     def teacher_forward(self, global_crops: torch.Tensor, mask_indices: torch.Tensor) -> dict:
@@ -126,7 +133,12 @@ def build_branch(config) -> Branch:
     def head(cfg):
         return DINOHead(arch.embed_dim, cfg.head_prototypes, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_layers)
 
-    return Branch(backbone, head(config.dino), head(config.ibot))
+    dino_head, ibot_head = head(config.dino), head(config.ibot)
+    pixel_head = None
+    if config.mim.enabled:  # SimMIM: a linear head suffices; one grey channel of targets. Drawn last, so that the
+        pixel_head = nn.Linear(arch.embed_dim, arch.patch_size ** 2)  # other weights equal a run without mim
+        DINOHead._init_weights(pixel_head)
+    return Branch(backbone, dino_head, ibot_head, pixel_head)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,14 +153,19 @@ def _layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
+def trained_modules(branch: Branch) -> tuple[str, ...]:
+    """The branch's trained modules by name; the optimiser groups and the per-module gradient clipping use them."""
+    return ("backbone", "dino_head", "ibot_head") + (("pixel_head",) if branch.pixel_head is not None else ())
+
+
 def param_groups(branch: Branch, layerwise_decay: float, patch_embed_lr_mult: float) -> list[dict]:
     """AdamW groups with DINOv3's multipliers: lr x ``layerwise_decay ** (depth + 1 - layer)`` in the backbone
     (patch embedding and prefix tokens are layer 0), x ``patch_embed_lr_mult`` for the patch embedding; no
-    weight decay on biases, norms and LayerScale; heads at the full lr; ``last_layer`` flagged for the
-    frozen-last-layer schedule. Parameters with equal multipliers share one group."""
+    weight decay on biases, norms and LayerScale; heads (the pixel head too) at the full lr; ``last_layer`` flagged
+    for the frozen-last-layer schedule. Parameters with equal multipliers share one group."""
     depth = branch.backbone.arch.depth
     fused: dict[tuple, dict] = {}
-    for module_name in ("backbone", "dino_head", "ibot_head"):
+    for module_name in trained_modules(branch):
         module = getattr(branch, module_name)
         for name, param in module.named_parameters():
             if not param.requires_grad:
@@ -208,6 +225,8 @@ def initialise_branch(branch: Branch, point: StartingPoint, with_heads: bool) ->
     """Loads ``point`` into ``branch`` (strict for the backbone; heads when present and wanted). Returns notes."""
     load_into(branch.backbone, point.checkpoint)
     notes = [f"backbone from {point.checkpoint.path} ({point.checkpoint.format})"]
+    if branch.pixel_head is not None:
+        notes.append("pixel_head: random (--init carries the DINO and iBOT heads only)")
     if not with_heads:
         return notes + ["heads: random (model.init_heads=false)"]
     for name in ("dino_head", "ibot_head"):

@@ -1,6 +1,6 @@
 """The stage objective: DINO (CLS) + iBOT (masked patches) + KoLeo (+ Gram anchoring in stages 2-3), combined
-with DINOv3's weights (``ssl_meta_arch.py``). One `nn.Module` owns every weight and temperature of the sum;
-the loss functions themselves are in `losses.py`."""
+with DINOv3's weights (``ssl_meta_arch.py``), optionally + masked-pixel reconstruction (``mim``, SimMIM/MAE). One
+`nn.Module` owns every weight and temperature of the sum; the loss functions themselves are in `losses.py`."""
 from __future__ import annotations
 
 import math
@@ -9,15 +9,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import GramLoss, dino_cross_entropy, ibot_masked_cross_entropy, koleo_loss, sinkhorn_knopp
+from .config import encoder_arch
+from .losses import (GramLoss, dino_cross_entropy, ibot_masked_cross_entropy, koleo_loss, masked_pixel_loss,
+                     sinkhorn_knopp)
 
 
 class PretrainingObjective(nn.Module):
-    """``forward(student, teacher, masks, mask_indices, teacher_temp, gram_targets)`` -> (total, parts).
+    """``forward(student, teacher, masks, mask_indices, teacher_temp, gram_targets, images)`` -> (total, parts).
 
     ``student`` / ``teacher`` are the outputs of `Branch.forward` / `Branch.teacher_forward`; the teacher's
     logits become targets by Sinkhorn-Knopp at ``teacher_temp``. ``parts`` holds every term as a detached 0-d
-    tensor on the device (the loop reads them once per log interval)."""
+    tensor on the device (the loop reads them once per log interval). With ``mim.enabled`` ``images`` (the
+    (2B, 1, H, W) global crops) give the pixel targets of the student's ``masked_pixel_pred``."""
 
     def __init__(self, config, gram_enabled: bool):
         super().__init__()
@@ -31,6 +34,8 @@ class PretrainingObjective(nn.Module):
         self.sinkhorn_iterations = dino.sinkhorn_iterations
         self.ignore_diagonal = dino.global_ignore_diagonal
         self.gram = GramLoss(config.gram.remove_negatives) if gram_enabled else None
+        self.mim = config.mim if config.mim.enabled else None
+        self.patch_size = encoder_arch(config).patch_size
 
     def teacher_targets(self, teacher: dict, teacher_temp: float, n_images: int, n_masked: int) -> tuple:
         """Sinkhorn-Knopp probabilities: CLS (2, B, K) and masked patches (M, K_ibot)."""
@@ -40,7 +45,8 @@ class PretrainingObjective(nn.Module):
         return cls.unflatten(0, (2, n_images)), patches
 
     def forward(self, student: dict, teacher: dict, masks: torch.Tensor, mask_indices: torch.Tensor,
-                teacher_temp: float, gram_targets: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                teacher_temp: float, gram_targets: torch.Tensor | None = None,
+                images: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         n_global = 2
         n_images = student["global_cls_logits"].shape[0] // n_global
         teacher_cls, teacher_patches = self.teacher_targets(teacher, teacher_temp, n_images, mask_indices.numel())
@@ -64,6 +70,14 @@ class PretrainingObjective(nn.Module):
             gram = self.gram(student["global_patches"], gram_targets)
             total = total + self.gram_weight * gram
             parts["gram"] = gram
+        if self.mim is not None:
+            if images is None or "masked_pixel_pred" not in student:
+                raise ValueError("mim.enabled needs the student's masked_pixel_pred (a branch with a pixel_head) "
+                                 "and the global crops as images")
+            mim = masked_pixel_loss(student["masked_pixel_pred"], images, mask_indices, self.patch_size,
+                                    self.mim.norm_pixels, self.mim.loss)
+            total = total + self.mim.loss_weight * mim
+            parts["mim"] = mim
         parts["total"] = total
         return total, {k: v.detach().float() for k, v in parts.items()}  # tensors: reading them waits for the device
 

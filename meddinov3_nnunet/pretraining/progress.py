@@ -89,8 +89,9 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike, t
     if probes:
         _plot_probes(axes[0, 2], probes)
         axes[1, 2].axis("off")
+    mim = any("mim" in r for r in records)  # the masked-pixel loss of a run with mim.enabled
     panels = [(axes[0, 0], ("total",), "total loss"), (axes[0, 1], ("dino", "ibot"), "DINO and iBOT"),
-              (axes[1, 0], ("koleo", "gram"), "KoLeo and Gram")]
+              (axes[1, 0], ("koleo", "gram", "mim"), "KoLeo, Gram and masked pixels" if mim else "KoLeo and Gram")]
     for ax, keys, name in panels:
         for key in keys:
             values = [r.get(key) for r in records]

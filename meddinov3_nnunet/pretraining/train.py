@@ -37,7 +37,7 @@ from . import augment, run_checkpoint
 from .config import ConfigError, PretrainConfig, differences, dump_yaml, encoder_arch, from_dict
 from .corpus import Corpus, CorpusError, settings_from_config
 from .distributed import DistContext
-from .model import build_branch, check_fits, initialise_branch, param_groups, read_starting_point
+from .model import build_branch, check_fits, initialise_branch, param_groups, read_starting_point, trained_modules
 from .objective import PretrainingObjective, to_student_grid
 from .progress import MetricsLog, plot_metrics
 from .run_checkpoint import CHECKPOINT_NAME, load_run_checkpoint
@@ -45,7 +45,6 @@ from .schedules import apply_schedules, schedules_at
 from .stream import ShardPlan, SliceStream
 
 log = logging.getLogger(__name__)
-_CLIPPED = ("backbone", "dino_head", "ibot_head")  # DINOv3 clips each module's gradient on its own
 # DDP without a buffer broadcast per forward (the only buffer, RoPE's periods, is a constant); torch 2.14 renamed
 # broadcast_buffers to forward_sync_buffers and warns on the old name
 _NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
@@ -237,7 +236,8 @@ class PretrainingRun:
                     features = self.gram_teacher.forward_features(
                         gram_crops.expand(-1, self.arch.in_chans, -1, -1))["x_norm_patchtokens"]
                 gram_targets = self._to_student_grid(features, global_crops.shape[-1])
-        return self.objective(student, teacher, masks, mask_indices, values["teacher_temp"], gram_targets)
+        return self.objective(student, teacher, masks, mask_indices, values["teacher_temp"], gram_targets,
+                              images=global_crops)
 
     def _train_step(self, passes: list[dict], values: dict) -> torch.Tensor:
         """The gradients of one optimiser step from the rank's batch cut into ``train.grad_accum_steps`` passes
@@ -254,10 +254,11 @@ class PretrainingRun:
                 (total / len(passes) if len(passes) > 1 else total).backward()
             stacked = torch.stack(list(parts.values()))
             summed = stacked if summed is None else summed + stacked
+        clipped = trained_modules(self.student)  # DINOv3 clips each module's gradient on its own
         norms = [torch.nn.utils.clip_grad_norm_(getattr(self.student, name).parameters(), self.config.optim.clip_grad)
-                 for name in _CLIPPED]
+                 for name in clipped]
         if self._stat_names is None:
-            self._stat_names = [*parts, *(f"grad_norm_{name}" for name in _CLIPPED)]
+            self._stat_names = [*parts, *(f"grad_norm_{name}" for name in clipped)]
         return torch.cat([summed / len(passes), torch.stack(norms).float()])
 
     def _to_student_grid(self, features: torch.Tensor, student_size: int) -> torch.Tensor:
