@@ -16,6 +16,7 @@ import numpy as np
 from meddinov3_nnunet.pretraining.config import load_config
 
 KEYS = ("total", "dino", "dino_global", "dino_local", "ibot", "koleo")
+OPTIONAL_KEYS = ("gram", "mim")  # only in runs with Gram anchoring / the masked-pixel objective
 
 
 def uniform_prediction_losses(config) -> dict:
@@ -31,6 +32,7 @@ def summarise(run: Path, window: int = 100) -> dict:
     corpus = json.loads((run / "corpus.json").read_text())
     config = load_config(run / "config.yaml")
     seconds = [r["step_seconds"] for r in records]
+    keys = KEYS + tuple(k for k in OPTIONAL_KEYS if k in records[0])
     batch = config.optim.batch_size
     return {
         "steps": len(records),
@@ -40,8 +42,8 @@ def summarise(run: Path, window: int = 100) -> dict:
         "training_wall_minutes": round(sum(seconds) / 60, 1),
         "slices_per_second_mean": round(len(records) * batch / sum(seconds), 1),
         "slices_per_second_median_step": round(float(np.median([r["images_per_s"] for r in records])), 1),
-        "loss_first_steps": {k: round(float(np.mean([r[k] for r in records[:window]])), 4) for k in KEYS},
-        "loss_last_steps": {k: round(float(np.mean([r[k] for r in records[-window:]])), 4) for k in KEYS},
+        "loss_first_steps": {k: round(float(np.mean([r[k] for r in records[:window]])), 4) for k in keys},
+        "loss_last_steps": {k: round(float(np.mean([r[k] for r in records[-window:]])), 4) for k in keys},
         "window_steps": window,
         "uniform_prediction_loss": uniform_prediction_losses(config),
     }
