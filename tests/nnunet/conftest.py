@@ -21,3 +21,16 @@ def hippocampus_workspace(shared_dir, tmp_path_factory):
         (workspace.held_out / f"{identifier}_0000.nii.gz").symlink_to(source / "imagesTr" / f"{identifier}_0000.nii.gz")
         (workspace.held_out_labels / f"{identifier}.nii.gz").symlink_to(source / "labelsTr" / f"{identifier}.nii.gz")
     return workspace
+
+
+@pytest.fixture(scope="session")
+def trained(hippocampus_workspace):
+    """The shared workspace with fold 0 of 2d_meddinov3 trained by the smoke trainer under bf16 autocast
+    (``MEDDINOV3_AMP=bf16``, whatever the CPU's default), ``train_output`` its stdout; test_nnunet_integration uses
+    folds 1, 3, 4 of that pair besides, test_precision_compile_nnunet fold 4."""
+    workspace = hippocampus_workspace
+    workspace.train_output = workspace.run("nnUNetv2_train", 4, "2d_meddinov3", 0, "-tr", "MedDINOv3Trainer_smoke",
+                                           "-device", "cpu", MEDDINOV3_AMP="bf16").stdout
+    workspace.model_folder = workspace.results / "Dataset004_Hippocampus" / "MedDINOv3Trainer_smoke__nnUNetPlans__2d_meddinov3"
+    workspace.labels = workspace.held_out_labels
+    return workspace

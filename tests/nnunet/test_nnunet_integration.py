@@ -16,17 +16,6 @@ SMOKE = "MedDINOv3Trainer_smoke"
 pytestmark = pytest.mark.slow  # one nnU-Net training shared by every test here, more trainings in some
 
 
-@pytest.fixture(scope="module")
-def trained(hippocampus_workspace):
-    """The shared planned workspace (tests/nnunet/conftest.py) with fold 0 of 2d_meddinov3 trained by the smoke
-    trainer (folds 1, 3, 4 of that pair are used below, fold 2 by the bf16 test)."""
-    workspace = hippocampus_workspace
-    workspace.train_output = workspace.run("nnUNetv2_train", 4, CONFIG, 0, "-tr", SMOKE, "-device", "cpu").stdout
-    workspace.model_folder = workspace.results / "Dataset004_Hippocampus" / f"{SMOKE}__nnUNetPlans__{CONFIG}"
-    workspace.labels = workspace.held_out_labels
-    return workspace
-
-
 def test_plan_adds_vit_configuration_with_stock_preprocessing(trained):
     plans = json.loads((trained.preprocessed / "Dataset004_Hippocampus" / "nnUNetPlans.json").read_text())
     config = plans["configurations"][CONFIG]

@@ -31,9 +31,9 @@ def model_folder(workspace, trainer, configuration):
     return workspace.results / "Dataset004_Hippocampus" / f"{trainer}__nnUNetPlans__{configuration}"
 
 
-def predict_and_check(workspace, trainer, configuration, out_name):
+def predict_and_check(workspace, trainer, configuration, out_name, fold=0):
     out = workspace.root / out_name
-    workspace.run("nnUNetv2_predict", "-i", workspace.held_out_3d, "-o", out, "-d", 4, "-c", configuration, "-f", 0,
+    workspace.run("nnUNetv2_predict", "-i", workspace.held_out_3d, "-o", out, "-d", 4, "-c", configuration, "-f", fold,
                   "-tr", trainer, "-device", "cpu", "--disable_tta")
     (image_file,) = workspace.held_out_3d.glob("*.nii.gz")
     prediction = sitk.ReadImage(str(out / image_file.name.replace("_0000.nii.gz", ".nii.gz")))
@@ -57,7 +57,8 @@ def smoke_run(workspace):
     return workspace.run("nnUNetv2_train", 4, "3d_fullres", 0, "-tr", SMOKE, "-device", "cpu")
 
 
-def test_3d_smoke_trainer_trains_on_3d_fullres_and_predicts_with_the_3d_sliding_window(workspace, smoke_run):
+def test_3d_smoke_trainer_trains_on_3d_fullres(workspace, smoke_run):
+    """(nnUNetv2_predict's 3D sliding window: the 3D hybrid's end-to-end test below.)"""
     folder = model_folder(workspace, SMOKE, "3d_fullres")
     for name in ("checkpoint_final.pth", "validation/summary.json"):
         assert (folder / "fold_0" / name).is_file(), name
@@ -65,18 +66,16 @@ def test_3d_smoke_trainer_trains_on_3d_fullres_and_predicts_with_the_3d_sliding_
     assert "patch size [40, 56, 40] rounded up to [40, 64, 48]" in smoke_run.stdout
     losses = parse_train_losses(smoke_run.stdout)
     assert len(losses) == 3 and losses[-1] < losses[0]
-    predict_and_check(workspace, SMOKE, "3d_fullres", "pred_smoke")
 
 
-def test_3d_trainer_resumes_with_c_and_validates_with_val(workspace, smoke_run):
+def test_3d_trainer_resumes_with_c(workspace, smoke_run):
+    """(--val: the 2D resume test in test_nnunet_integration; nnU-Net's validation is the same code in 3D.)"""
     resumed = workspace.run("nnUNetv2_train", 4, "3d_fullres", 0, "-tr", SMOKE, "-device", "cpu", "--c",
                             MEDDINOV3_NUM_EPOCHS=4, MEDDINOV3_ITERS_PER_EPOCH=2, MEDDINOV3_WEIGHTS="/does/not/exist")
     assert "Epoch 3" in resumed.stdout and "Epoch 2" not in resumed.stdout and "encoder:" not in resumed.stdout
     checkpoint = torch.load(model_folder(workspace, SMOKE, "3d_fullres") / "fold_0" / "checkpoint_final.pth",
                             map_location="cpu", weights_only=False)
     assert checkpoint["current_epoch"] == 4
-    validation = workspace.run("nnUNetv2_train", 4, "3d_fullres", 0, "-tr", SMOKE, "-device", "cpu", "--val")
-    assert "Mean Validation Dice" in validation.stdout and "Epoch" not in validation.stdout
 
 
 @pytest.mark.parametrize("trainer, configuration", [
@@ -91,10 +90,7 @@ def test_benchmark_trainer_trains_and_predicts_at_smoke_budget(workspace, traine
     assert (folder / "fold_2" / "checkpoint_final.pth").is_file()
     patch = json.loads((folder / "plans.json").read_text())["configurations"][configuration]["patch_size"]
     assert patch == {"3d_fullres": [40, 64, 48], "2d": [64, 48]}[configuration]  # rounded up to 16-px tokens
-    out = workspace.root / f"pred_{trainer}_{configuration}"
-    workspace.run("nnUNetv2_predict", "-i", workspace.held_out_3d, "-o", out, "-d", 4, "-c", configuration, "-f", 2,
-                  "-tr", trainer, "-device", "cpu", "--disable_tta")
-    assert len(list(out.glob("*.nii.gz"))) == 1
+    predict_and_check(workspace, trainer, configuration, f"pred_{trainer}_{configuration}", fold=2)
 
 
 @pytest.mark.parametrize("trainer_name, configuration, patch", [

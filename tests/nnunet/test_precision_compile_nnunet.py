@@ -10,31 +10,29 @@ import torch
 from nnunet_workspace import parse_train_losses
 
 CONFIG, SMOKE = "2d_meddinov3", "MedDINOv3Trainer_smoke"
-BUDGET = dict(MEDDINOV3_NUM_EPOCHS=2, MEDDINOV3_ITERS_PER_EPOCH=3, MEDDINOV3_VAL_ITERS=1)
 
 
 @pytest.fixture(scope="module")
 def planned(hippocampus_workspace):
-    """The shared planned workspace (tests/nnunet/conftest.py); this module trains fold 2 of the smoke trainer on
-    2d_meddinov3 and uses fold 4 in-process."""
+    """The shared planned workspace (tests/nnunet/conftest.py); this module uses fold 4 of the smoke trainer on
+    2d_meddinov3 in-process."""
     return hippocampus_workspace
 
 
 @pytest.mark.slow
-def test_bf16_training_and_prediction_through_stock_nnunet(planned):
-    train = planned.run("nnUNetv2_train", 4, CONFIG, 2, "-tr", SMOKE, "-device", "cpu", MEDDINOV3_AMP="bf16",
-                        **BUDGET)
-    losses = parse_train_losses(train.stdout)
-    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
-    model = planned.results / "Dataset004_Hippocampus" / f"{SMOKE}__nnUNetPlans__{CONFIG}"
-    log = next((model / "fold_2").glob("training_log_*.txt")).read_text()
+def test_bf16_training_and_prediction_through_stock_nnunet(trained):
+    """The shared smoke training ran under MEDDINOV3_AMP=bf16 (tests/nnunet/conftest.py); its fold 0 predicts in bf16
+    and in fp32."""
+    losses = parse_train_losses(trained.train_output)
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    log = next((trained.model_folder / "fold_0").glob("training_log_*.txt")).read_text()
     assert "precision on cpu: bf16 autocast (MEDDINOV3_AMP=bf16)" in log
 
-    held_out = planned.held_out
+    held_out = trained.held_out
     outputs = {}
     for amp in ("bf16", "off"):
-        outputs[amp] = planned.root / f"predicted_{amp}"
-        result = planned.run("nnUNetv2_predict", "-i", held_out, "-o", outputs[amp], "-d", 4, "-c", CONFIG, "-f", 2,
+        outputs[amp] = trained.root / f"predicted_{amp}"
+        result = trained.run("nnUNetv2_predict", "-i", held_out, "-o", outputs[amp], "-d", 4, "-c", CONFIG, "-f", 0,
                              "-tr", SMOKE, "-device", "cpu", MEDDINOV3_AMP=amp)
         expected = "bf16 autocast (MEDDINOV3_AMP=bf16)" if amp == "bf16" else "fp32 (no autocast) (MEDDINOV3_AMP=off)"
         assert f"precision on cpu: {expected}" in result.stdout
