@@ -52,6 +52,17 @@ def ct_volume(rng: np.random.Generator, slices: int = 6, height: int = 40, width
     return volume.astype(np.int16)
 
 
+def tiny_ct_manifest(root: Path) -> Path:
+    """A corpus manifest of 4 small synthetic CT volumes (4 slices each) under ``root``, for tiny_config's runs."""
+    from meddinov3_nnunet.pretraining.corpus import Source, build_corpus, settings_from_config
+
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        write_volume(root / "ct" / f"case{i}.nii.gz", ct_volume(rng, slices=4, empty_slices=0))
+    build_corpus([Source(str(root / "ct"))], settings_from_config(tiny_config()), root / "corpus.json", progress=False)
+    return root / "corpus.json"
+
+
 def mri_volume(rng: np.random.Generator, slices: int = 6, height: int = 24, width: int = 20) -> np.ndarray:
     base = 100 + 40 * np.sin(np.linspace(0, 3, width))[None, None, :] + 20 * rng.standard_normal((slices, height, width))
     return np.clip(base, 0, 255).astype(np.uint8)

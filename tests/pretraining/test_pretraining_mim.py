@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from meddinov3_nnunet.models.encoder import DINOv3Encoder
 from meddinov3_nnunet.models.checkpoints import read_checkpoint
 from meddinov3_nnunet.pretraining.config import CONFIG_DIR, ConfigError, available_configs, encoder_arch, load_config
-from meddinov3_nnunet.pretraining.corpus import Source, build_corpus, settings_from_config
 from meddinov3_nnunet.pretraining.export import export_run
 from meddinov3_nnunet.pretraining.losses import masked_pixel_loss, patch_pixels
 from meddinov3_nnunet.pretraining.model import build_branch, param_groups, trained_modules
@@ -20,7 +19,7 @@ from meddinov3_nnunet.pretraining.run_checkpoint import load_run_checkpoint
 from meddinov3_nnunet.pretraining.train import PretrainingRun, ResumeError
 
 from pretraining_helpers import one_torch_thread  # noqa: F401  (autouse: one torch thread)
-from pretraining_helpers import ct_volume, tiny_config, write_volume
+from pretraining_helpers import tiny_config, tiny_ct_manifest
 
 # 64 px global crops: a 4 x 4 token grid; every global crop masked, 30-50 % of its tokens
 MIM = ["mim.enabled=true", "crops.global_size=64", "ibot.mask_sample_probability=1.0",
@@ -171,12 +170,7 @@ def test_config_checks_name_the_mim_key_and_the_fix():
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mim")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        write_volume(root / "ct" / f"case{i}.nii.gz", ct_volume(rng, slices=4, empty_slices=0))
-    build_corpus([Source(str(root / "ct"))], settings_from_config(tiny_config()), root / "corpus.json", progress=False)
-    return root / "corpus.json"
+    return tiny_ct_manifest(tmp_path_factory.mktemp("mim"))
 
 
 STEPS = 120  # ~5 s single-threaded

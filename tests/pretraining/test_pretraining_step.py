@@ -12,23 +12,17 @@ from meddinov3_nnunet.models.encoder import DINOv3Encoder
 from meddinov3_nnunet.pretraining import augment
 from meddinov3_nnunet.pretraining import train as train_module
 from meddinov3_nnunet.pretraining.config import encoder_arch
-from meddinov3_nnunet.pretraining.corpus import Source, build_corpus, settings_from_config
 from meddinov3_nnunet.pretraining.run_checkpoint import load_run_checkpoint
 from meddinov3_nnunet.pretraining.schedules import schedules_at
 from meddinov3_nnunet.pretraining.train import PretrainingRun
 
 from pretraining_helpers import one_torch_thread  # noqa: F401  (autouse: one torch thread)
-from pretraining_helpers import ct_volume, tiny_config, write_volume
+from pretraining_helpers import tiny_config, tiny_ct_manifest
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    root = tmp_path_factory.mktemp("step")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        write_volume(root / "ct" / f"case{i}.nii.gz", ct_volume(rng, slices=4, empty_slices=0))
-    build_corpus([Source(str(root / "ct"))], settings_from_config(tiny_config()), root / "corpus.json", progress=False)
-    return root / "corpus.json"
+    return tiny_ct_manifest(tmp_path_factory.mktemp("step"))
 
 
 def built(config, manifest, output):
