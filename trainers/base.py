@@ -234,7 +234,8 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
             trainer = stack.pop()
             stack.extend(trainer.__subclasses__())
             findable = getattr(sys.modules.get(trainer.__module__), trainer.__name__, None) is trainer
-            if findable and accept(trainer) and trainer.build_plain_network.__func__ is cls.build_plain_network.__func__ \
+            same_builder = trainer.build_plain_network.__func__ is cls.build_plain_network.__func__
+            if findable and accept(trainer) and same_builder \
                     and trainer.decoder == cls.decoder and trainer.multiscale == cls.multiscale \
                     and trainer.encoder_patch_size == cls.encoder_patch_size and trainer.image_skip == cls.image_skip \
                     and trainer.vit_tokens == cls.vit_tokens and trainer.token_injection == cls.token_injection:

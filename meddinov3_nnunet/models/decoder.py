@@ -304,10 +304,10 @@ class TokenInjection(nn.Module):
         super().__init__()
         if path.ndim != 2:
             raise ValueError("token injection is built for the 2D hybrid only")
-        width = path.widths[-1]
-        self.down = nnunet_conv_blocks(width, min(2 * width, 320), 2, path.kernels[-1], (2, 2))
+        width, token_width = path.widths[-1], min(2 * path.widths[-1], 320)
+        self.down = nnunet_conv_blocks(width, token_width, 2, path.kernels[-1], (2, 2))
         self.down.apply(InitWeights_He(1e-2))
-        self.project = nn.Conv2d(min(2 * width, 320), embed_dim, kernel_size=1)
+        self.project = nn.Conv2d(token_width, embed_dim, kernel_size=1)
         nn.init.zeros_(self.project.weight)
         nn.init.zeros_(self.project.bias)
 

@@ -4,7 +4,8 @@ A run checkpoint (``checkpoint.pth``, ``checkpoint_stepNNNNNNN.pth``) is a dict 
 ``format`` / ``format_version``, ``step``, ``config`` (the resolved recipe), ``arch``, ``world_size``, ``corpus``
 (path and totals), ``student`` / ``teacher`` (branch state dicts: ``backbone.*``, ``dino_head.*``,
 ``ibot_head.*``, and ``pixel_head.*`` when the run trains ``mim``), ``optimizer``, ``schedules``,
-``data_position``, ``rng`` (one state per rank) and ``rank_fingerprints`` (per rank: sum and sum of squares of every student/teacher tensor, equal iff in sync).
+``data_position``, ``rng`` (one state per rank) and ``rank_fingerprints`` (per rank: sum and sum of squares of
+every student/teacher tensor, equal iff in sync).
 """
 from __future__ import annotations
 
