@@ -502,7 +502,8 @@ def nnunet_smoke_section(device: torch.device, workdir: Path, dry_run: bool) -> 
                                 "cpu", "-np", "2"]),
         ("train", train),
         ("predict", [nnunet_tool("nnUNetv2_predict"), "-i", str(test_images), "-o", str(predictions), "-d", dataset,
-                     "-c", configuration, "-f", "0", "-tr", trainer, "-device", device.type]),
+                     "-c", configuration, "-f", "0", "-tr", trainer, "-device", device.type, "-npp", "0", "-nps",
+                     "0"]),  # 2 cases: one process, no worker start-ups
     ]
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     if gpus >= 2:

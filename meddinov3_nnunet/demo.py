@@ -205,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
                     "-device", args.device], env, log)
     predictions = workdir / "predictions"
     _step("predict", [nnunet_tool("nnUNetv2_predict"), "-i", str(test_images), "-o", str(predictions), "-d", dataset,
-                      "-c", "2d_meddinov3", "-f", "0", "-tr", args.trainer, "-device", args.device], env, log)
+                      "-c", "2d_meddinov3", "-f", "0", "-tr", args.trainer, "-device", args.device,
+                      "-npp", "0", "-nps", "0"], env, log)  # a few cases: one process, no worker start-ups
 
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO

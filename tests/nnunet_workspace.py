@@ -23,7 +23,8 @@ class Workspace:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDDINOV3_", "DINOV3_"))}
         env.update(nnUNet_raw=str(self.raw), nnUNet_preprocessed=str(self.preprocessed),
                    nnUNet_results=str(self.results), nnUNet_extTrainer=meddinov3_nnunet.ext_trainer_dir(),
-                   nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1", OMP_NUM_THREADS="2")
+                   nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1", OMP_NUM_THREADS="2",
+                   nnUNet_npp="0", nnUNet_nps="0")  # nnUNetv2_predict in one process: no worker start-ups
         env.update({k: str(v) for k, v in extra.items()})
         return env
 

@@ -59,7 +59,7 @@ def test_predict_writes_label_maps_matching_the_inputs(trained):
 def test_predict_from_model_folder(trained):
     out = trained.root / "predicted_from_folder"
     trained.run("nnUNetv2_predict_from_modelfolder", "-i", trained.held_out, "-o", out, "-m", trained.model_folder,
-                "-f", 0, "-device", "cpu")
+                "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1)
     assert len(list(out.glob("*.nii.gz"))) == 2
 
 
@@ -96,15 +96,17 @@ def test_gpu_checkpoint_predicts_on_cpu(trained, tmp_path, monkeypatch):
 
 
 def test_resume_with_c_continues_from_the_checkpoint_without_reloading_weights(trained):
-    first = trained.run("nnUNetv2_train", 4, CONFIG, 1, "-tr", SMOKE, "-device", "cpu", MEDDINOV3_NUM_EPOCHS=2)
+    first = trained.run("nnUNetv2_train", 4, CONFIG, 1, "-tr", SMOKE, "-device", "cpu", MEDDINOV3_NUM_EPOCHS=1,
+                        MEDDINOV3_ITERS_PER_EPOCH=4)
     resumed = trained.run("nnUNetv2_train", 4, CONFIG, 1, "-tr", SMOKE, "-device", "cpu", "--c",
-                          MEDDINOV3_NUM_EPOCHS=3, MEDDINOV3_WEIGHTS="/does/not/exist.pth")
-    assert "Epoch 1" in first.stdout and "Epoch 2" not in first.stdout
-    assert "Epoch 2" in resumed.stdout and "Epoch 0" not in resumed.stdout and "Epoch 1" not in resumed.stdout
+                          MEDDINOV3_NUM_EPOCHS=2, MEDDINOV3_ITERS_PER_EPOCH=4, MEDDINOV3_WEIGHTS="/does/not/exist.pth")
+    assert "Epoch 0" in first.stdout and "Epoch 1" not in first.stdout
+    assert "Epoch 1" in resumed.stdout and "Epoch 0" not in resumed.stdout
     assert "encoder:" not in resumed.stdout  # weights are not looked up again on resume
     checkpoint = torch.load(trained.model_folder / "fold_1" / "checkpoint_final.pth", map_location="cpu",
                             weights_only=False)
-    assert checkpoint["current_epoch"] == 3 and len(checkpoint["logging"]["train_losses"]) == 3
+    assert checkpoint["current_epoch"] == 2 and len(checkpoint["logging"]["train_losses"]) == 2
+    assert checkpoint["inference_allowed_mirroring_axes"] is None  # smoke trainers validate and predict unmirrored
 
     validation = trained.run("nnUNetv2_train", 4, CONFIG, 1, "-tr", SMOKE, "-device", "cpu", "--val")
     assert "Mean Validation Dice" in validation.stdout and "Epoch" not in validation.stdout
