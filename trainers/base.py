@@ -57,6 +57,7 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
     token_injection = False  # True (2D hybrid): the conv path's 1/16 features added to the patch embeddings
     layerscale_init = None  # None: the preset's start (1e-5); only a random encoder keeps it, weights overwrite it
     activation_checkpointing = False  # True: encoder blocks, full-resolution decoder stages recompute in backward
+    deep_supervision = False  # True (hybrid): nnU-Net's deep supervision on the decoder's levels below full resolution
 
     # encoder initialisation: "required" (error without weights), "optional" (random if none), "none"
     encoder_weights = "required"
@@ -69,7 +70,7 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         notes = self._adapt_plans(plans, configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.enable_deep_supervision = False
+        self.enable_deep_supervision = self.deep_supervision
         self.apply_budget(notes)
         self.initial_lr = self.recipe.decoder_lr
         self.weight_decay = self.recipe.weight_decay
@@ -119,6 +120,12 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> MedDINOv3Net:
         network = cls.build_plain_network(num_input_channels, num_output_channels, configuration_manager)
+        if cls.deep_supervision:  # heads in training and prediction alike (one state dict); used while enabled
+            if not hasattr(network.decoder, "add_supervision_heads"):
+                raise ValueError(f"{cls.__name__}: deep supervision needs the hybrid decoder's levels, not the "
+                                 f"{cls.decoder!r} decoder")
+            network.decoder.add_supervision_heads(num_output_channels)
+            network.decoder.deep_supervision = enable_deep_supervision
         # also what nnUNetv2_predict gets: it rebuilds the network through this method
         network.autocast_dtypes = precision.autocast_dtypes()
         print(f"{cls.__name__}: " + "; ".join(precision.resolve(device_type).describe()
@@ -143,6 +150,11 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
                              multiscale=cls.multiscale, tap_blocks=cls.tap_blocks, drop_path_rate=cls.drop_path_rate,
                              image_skip=cls.image_skip, decoder=cls.decoder, vit_tokens=cls.vit_tokens,
                              token_injection=cls.token_injection)
+
+    def _get_deep_supervision_scales(self):
+        """The hybrid decoder's level resolutions (nnU-Net's come from the plans' pooling, which the conv path does
+        not follow in-plane); None without deep supervision."""
+        return self._plain_network().decoder.supervision_scales() if self.enable_deep_supervision else None
 
     def _plain_network(self) -> MedDINOv3Net:
         network = self.network.module if isinstance(self.network, DistributedDataParallel) else self.network
@@ -238,7 +250,8 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
             if findable and accept(trainer) and same_builder \
                     and trainer.decoder == cls.decoder and trainer.multiscale == cls.multiscale \
                     and trainer.encoder_patch_size == cls.encoder_patch_size and trainer.image_skip == cls.image_skip \
-                    and trainer.vit_tokens == cls.vit_tokens and trainer.token_injection == cls.token_injection:
+                    and trainer.vit_tokens == cls.vit_tokens and trainer.token_injection == cls.token_injection \
+                    and trainer.deep_supervision == cls.deep_supervision:
                 found.add(trainer.__name__)
         return sorted(found, key=lambda name: (name != preferred, len(name), name))
 
@@ -259,7 +272,9 @@ class MedDINOv3Trainer(EnvironmentBudget, nnUNetTrainer):
             self._refuse(InputError(
                 f"non-finite values (NaN/inf) in the input batch of case(s) {cases}: one such voxel makes every "
                 f"output NaN; check those images and run nnU-Net's preprocessing again"))
-        target = batch["target"].to(self.device, non_blocking=True)
+        target = batch["target"]  # a list under deep supervision: one target per output
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else \
+            target.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(self.network(data), target)
         if self.grad_scaler is not None:

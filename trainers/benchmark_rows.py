@@ -98,6 +98,17 @@ class MedDINOv3Trainer_S_patch8_hybrid_scratch(MedDINOv3Trainer_S_hybrid_scratch
     encoder_patch_size = 8
 
 
+class MedDINOv3Trainer_S_hybrid_ds_scratch(MedDINOv3Trainer_S_hybrid_scratch):
+    """The 2D hybrid with nnU-Net's deep supervision (logits at 1/2, 1/4, 1/8 as well): the first remedy tried for
+    its slow starts."""
+    deep_supervision = True
+
+
+class MedDINOv3Trainer_S_hybrid_3d_ds_scratch(MedDINOv3Trainer_S_hybrid_3d_scratch):
+    """The 3D hybrid with nnU-Net's deep supervision."""
+    deep_supervision = True
+
+
 class MedDINOv3Trainer_S_hybrid_inject_scratch(MedDINOv3Trainer_S_hybrid_scratch):
     """The 2D hybrid with PrimusV3-style token injection: the conv path's 1/16 features added to the patch
     embeddings through a projection that starts at zero."""

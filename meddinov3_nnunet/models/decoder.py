@@ -250,7 +250,11 @@ class HybridDecoder(nn.Module):
     `ConvPyramid`'s map of that level and fused by an nnU-Net stage block; a 1x1 conv gives the logits at the input
     resolution. In 3D the tokens come one per slice: they are averaged over the depth stride of the pyramid's last
     level first (no parameters), so that they meet it. Generalises `ImageSkip` (level 0 alone). A patch not divisible
-    by the pyramid's total stride is refused with a `ValueError` naming both."""
+    by the pyramid's total stride is refused with a `ValueError` naming both.
+
+    Deep supervision (nnU-Net's, off unless asked for): `add_supervision_heads` gives every level below full
+    resolution a 1x1 head; while ``deep_supervision`` is True (nnU-Net's trainer toggles it) the forward returns the
+    logits of every level, full resolution first, at the resolutions `supervision_scales` names."""
 
     deep_supervision = False
 
@@ -272,6 +276,24 @@ class HybridDecoder(nn.Module):
         self.token_depth_pool = path.total_stride[0] if path.ndim == 3 else 1
         self.apply(InitWeights_He(1e-2))
         self.injection = TokenInjection(path, inject_dim) if inject_dim else None
+        self.supervision_heads = None
+
+    def add_supervision_heads(self, num_classes: int) -> None:
+        """1x1 logit heads on levels 1 .. L-1 (nnU-Net's initialisation); part of the state dict from then on, so a
+        trainer adds them whenever it builds the network (training and prediction alike)."""
+        conv = CONV_OPS[self.path.ndim][0]
+        self.supervision_heads = nn.ModuleList(conv(width, num_classes, kernel_size=1)
+                                               for width in self.path.widths[1:])
+        self.supervision_heads.apply(InitWeights_He(1e-2))
+
+    def supervision_scales(self) -> list[list[float]]:
+        """Per output of the deep-supervised forward, its size relative to the patch on each axis (nnU-Net's
+        ``deep_supervision_scales``: the targets are downsampled to these)."""
+        scales, current = [], [1.0] * self.path.ndim
+        for strides in self.path.strides:
+            current = [size / stride for size, stride in zip(current, strides)]
+            scales.append(current)
+        return scales
 
     def conv_features(self, image: torch.Tensor) -> list[torch.Tensor]:
         """The pyramid's maps of ``image`` (a patch not divisible by its total stride: `ValueError`)."""
@@ -288,10 +310,15 @@ class HybridDecoder(nn.Module):
         x = features
         if self.token_depth_pool > 1:
             x = F.avg_pool3d(x, (self.token_depth_pool, 1, 1))
+        supervised = self.deep_supervision and self.supervision_heads is not None
+        outputs = []
         for level in reversed(range(len(self.up))):
             x = self.up[level](x)
             x = self.fuse[level](torch.cat([x, skips[level].to(x.dtype)], dim=1))
-        return self.head(x)
+            if supervised and level > 0:
+                outputs.insert(0, self.supervision_heads[level - 1](x))
+        logits = self.head(x)
+        return [logits] + outputs if supervised else logits
 
 
 class TokenInjection(nn.Module):

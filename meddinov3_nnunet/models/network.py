@@ -59,7 +59,8 @@ class TokenSegmentationNet(nn.Module):
             return self._forward(x)
         dtype = dtypes[x.device.type]
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-            return self._forward(x).float()
+            logits = self._forward(x)
+        return [output.float() for output in logits] if isinstance(logits, list) else logits.float()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -189,3 +189,34 @@ def test_token_injection_is_refused_where_it_cannot_work():
     encoder = build_encoder("vit_tiny16")
     with pytest.raises(ValueError, match="patch grid's shape"):
         encoder.prepare_tokens(torch.randn(1, 3, 32, 32), patch_offset=torch.zeros(1, 3, 2, 96))
+
+
+@pytest.mark.parametrize("volumetric", [False, True])
+def test_deep_supervision_heads_give_every_level_its_logits_while_enabled(volumetric):
+    torch.manual_seed(0)
+    if volumetric:  # anisotropic: level 1 keeps the depth
+        net = build_volumetric_network("vit_tiny16", num_classes=3, context=0, decoder="hybrid",
+                                       conv_path=ConvPath.from_plans(16, ANISOTROPIC_KERNELS, ANISOTROPIC_STRIDES))
+        shape = (12, 32, 48)
+    else:
+        net = build_network("vit_tiny16", num_classes=3, decoder="hybrid")
+        shape = (32, 48)
+    x = torch.randn(2, 1, *shape)
+    plain = net(x)
+    encoder_state = {k: v.clone() for k, v in net.encoder.state_dict().items()}
+    net.decoder.add_supervision_heads(3)
+    assert net.encoder.state_dict().keys() == encoder_state.keys()
+    assert len(net.decoder.supervision_heads) == 3 and "supervision_heads.2.weight" in net.decoder.state_dict()
+    assert torch.equal(net(x), plain)  # off (nnU-Net's validation and prediction): the logits as before
+
+    net.decoder.deep_supervision = True  # what nnU-Net's set_deep_supervision_enabled(True) does
+    outputs = net(x)
+    scales = net.decoder.supervision_scales()
+    expected = [[1, 1, 1], [1, 1 / 2, 1 / 2], [1 / 2, 1 / 4, 1 / 4], [1 / 4, 1 / 8, 1 / 8]] if volumetric else \
+        [[1, 1], [1 / 2, 1 / 2], [1 / 4, 1 / 4], [1 / 8, 1 / 8]]
+    assert scales == expected
+    assert [tuple(o.shape) for o in outputs] == [(2, 3, *(int(s * f) for s, f in zip(shape, scale)))
+                                                 for scale in scales]
+    assert torch.equal(outputs[0], plain) and all(o.dtype == torch.float32 for o in outputs)
+    sum(o.mean() for o in outputs[1:]).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.decoder.supervision_heads.parameters())

@@ -170,3 +170,34 @@ def test_encoder_weights_load_unchanged_into_the_3d_and_patch8_trainers(workspac
         log = open(trainer.log_file).read()
         assert "(format meddinov3_nnunet, from environment variable MEDDINOV3_WEIGHTS" in log
         assert ("resampled from patch 16 to 8" in log) == (name == "3d patch 8")
+
+
+@pytest.mark.parametrize("trainer_name, configuration", [("MedDINOv3Trainer_S_hybrid_ds_scratch", "2d"),
+                                                         ("MedDINOv3Trainer_S_hybrid_3d_ds_scratch", "3d_fullres")])
+def test_deep_supervised_hybrids_train_on_nnunets_downsampled_targets(workspace, monkeypatch, trainer_name,
+                                                                      configuration):
+    """nnU-Net's own loader downsamples the targets to the decoder's levels, its loss weights them (1/2 per level,
+    the lowest 0), and validation and prediction get the full-resolution logits alone."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    for key, value in workspace.env(nnUNet_n_proc_DA=0).items():
+        monkeypatch.setenv(key, value)
+    torch.manual_seed(0)
+    trainer = workspace.trainer(recursive_find_trainer_class_by_name(trainer_name), configuration, 3)
+    trainer.initialize()
+    assert trainer.enable_deep_supervision
+    patch = trainer.configuration_manager.patch_size
+    scales = trainer._get_deep_supervision_scales()
+    assert scales[0] == [1.0] * len(patch) and scales[-1][-2:] == [1 / 8, 1 / 8]
+    assert np.allclose(trainer.loss.weight_factors, [4 / 7, 2 / 7, 1 / 7, 0])
+    batch = next(trainer.get_dataloaders()[0])
+    assert [list(t.shape[2:]) for t in batch["target"]] == [[round(p * s) for p, s in zip(patch, scale)]
+                                                            for scale in scales]
+    heads = trainer.network.decoder.supervision_heads
+    before = [head.weight.detach().clone() for head in heads]
+    assert np.isfinite(trainer.train_step(batch)["loss"])
+    assert not torch.equal(heads[0].weight, before[0]) and not torch.equal(heads[1].weight, before[1])
+
+    trainer.set_deep_supervision_enabled(False)  # nnU-Net's validation, and its predictor's network
+    with torch.no_grad():
+        assert trainer.network(batch["data"][:1]).shape == (1, 3, *patch)
