@@ -31,11 +31,36 @@ FAMILIES = {  # name -> (network factory, input shape (per rank), drop path as t
     "projected": (lambda: ProjectedMedDINOv3Net(build_encoder(ENCODER, drop_path_rate=0.2), 1, 3), (2, 1, 32, 32)),
     "hybrid": (lambda: build_network(ENCODER, in_channels=2, num_classes=3, drop_path_rate=0.2, decoder="hybrid"),
                (2, 2, 32, 32)),
+    "hybrid_inject": (lambda: build_network(ENCODER, in_channels=1, num_classes=3, drop_path_rate=0.2,
+                                            decoder="hybrid", token_injection=True), (2, 1, 32, 32)),
+    "hybrid_deep_supervision": (lambda: deep_supervised(build_network(ENCODER, in_channels=1, num_classes=3,
+                                                                      drop_path_rate=0.2, decoder="hybrid")),
+                                (2, 1, 32, 32)),
     "3d": (lambda: build_volumetric_network(ENCODER, 1, 3, context=1, mix_slices=True, drop_path_rate=0.2),
            (1, 1, 3, 32, 32)),
     "3d_hybrid": (lambda: build_volumetric_network(ENCODER, 1, 3, context=1, drop_path_rate=0.2, decoder="hybrid",
                                                    conv_path=SMALL_3D_PATH), (1, 1, 4, 32, 32)),
 }
+
+# nnU-Net's deep-supervision weights under DDP without compile: 1/2 per level, the lowest 1e-6 instead of 0
+DEEP_SUPERVISION_WEIGHTS = (1.0, 0.5, 0.25, 1e-6)
+
+
+def deep_supervised(network):
+    network.decoder.add_supervision_heads(3)
+    network.decoder.deep_supervision = True
+    return network
+
+
+def nnunet_like_loss(output, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy; on a deep-supervised output, of every level against the nearest-downsampled target."""
+    if not isinstance(output, list):
+        return F.cross_entropy(output, target)
+    total = 0
+    for weight, logits in zip(DEEP_SUPERVISION_WEIGHTS, output):
+        small = F.interpolate(target[:, None].float(), size=logits.shape[2:], mode="nearest")[:, 0].long()
+        total = total + weight * F.cross_entropy(logits, small)
+    return total / sum(DEEP_SUPERVISION_WEIGHTS)
 
 
 def _ddp_steps(name: str, rank: int, world_size: int) -> None:
@@ -51,7 +76,7 @@ def _ddp_steps(name: str, rank: int, world_size: int) -> None:
         data = torch.randn(shape, generator=generator)
         target = torch.randint(0, 3, (shape[0],) + shape[2:], generator=generator)
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(ddp(data), target).backward()
+        nnunet_like_loss(ddp(data), target).backward()
         torch.nn.utils.clip_grad_norm_(ddp.parameters(), 12.0)
         grads = torch.cat([p.grad.flatten() for p in network.parameters() if p.grad is not None])
         gathered = [torch.empty_like(grads) for _ in range(world_size)]
