@@ -113,3 +113,15 @@ class MedDINOv3Trainer_S_hybrid_inject_scratch(MedDINOv3Trainer_S_hybrid_scratch
     """The 2D hybrid with PrimusV3-style token injection: the conv path's 1/16 features added to the patch
     embeddings through a projection that starts at zero."""
     token_injection = True
+
+
+# -- pretraining on a small dataset (issue 22, benchmarks/hippocampus/pretraining_small_data) ------------------
+class MedDINOv3Trainer_S_hybrid_3d_enclr3e4(MedDINOv3Trainer_S_hybrid_3d):
+    """The 3D hybrid from a ViT-S encoder of this project's `small_data` pretraining, at the from-scratch encoder lr
+    3e-4, so that against `MedDINOv3Trainer_S_hybrid_3d_scratch_ls01` only the initialisation differs."""
+    recipe = FinetuneRecipe(encoder_lr=3e-4)
+
+
+class MedDINOv3Trainer_S_hybrid_3d_scratch_ls01(MedDINOv3Trainer_S_hybrid_3d_scratch):
+    """The 3D hybrid from a random ViT-S whose LayerScale starts at 0.1, where the `small_data` pretraining starts."""
+    layerscale_init = 0.1
