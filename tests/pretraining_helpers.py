@@ -141,4 +141,5 @@ def _rank_entry(rank: int, world_size: int, port: int, timeout_s: float, target,
     try:
         target(rank, *args)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # a whole `pretrain` run destroys its process groups itself when it ends
+            dist.destroy_process_group()

@@ -90,6 +90,15 @@ class DistContext:
         if self.world_size > 1:
             dist.barrier()
 
+    def close(self) -> None:
+        """After a run every rank finished: waits for the others, then destroys the process groups, so that no rank
+        exits while another still talks to it (gloo's threads then abort the process: "terminate called without an
+        active exception")."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+            self._wait_group = None
+
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over the ranks (on this rank's device; a NaN on any rank makes its entry NaN)."""
         if self.world_size > 1:

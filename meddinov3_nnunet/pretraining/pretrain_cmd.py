@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         context.run_on_main(index, "indexing the corpus")  # may take hours: no collective waits meanwhile
     run_.prepare()
     summary = run_.run(stop_at_step=args.stop_at_step, time_limit_minutes=args.time_limit_minutes)
+    context.close()
     if context.is_main:
         print(f"{summary['status']}: step {summary['step']}/{summary['total_steps']} "
               f"({summary['steps_this_run']} steps in {summary['seconds']} s, {summary['images_per_s']} slices/s); "
