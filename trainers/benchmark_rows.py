@@ -125,3 +125,16 @@ class MedDINOv3Trainer_S_hybrid_3d_enclr3e4(MedDINOv3Trainer_S_hybrid_3d):
 class MedDINOv3Trainer_S_hybrid_3d_scratch_ls01(MedDINOv3Trainer_S_hybrid_3d_scratch):
     """The 3D hybrid from a random ViT-S whose LayerScale starts at 0.1, where the `small_data` pretraining starts."""
     layerscale_init = 0.1
+
+
+class MedDINOv3Trainer_S_enclr3e4(MedDINOv3Trainer_S):
+    """The paper's 2D design (ViT tokens only, no conv path) from a `small_data` export at the from-scratch encoder lr
+    3e-4: where the encoder is all the network has, so an encoder that helps shows most; pairs with
+    `MedDINOv3Trainer_S_scratch_ls01`."""
+    recipe = FinetuneRecipe(encoder_lr=3e-4)
+
+
+class MedDINOv3Trainer_S_scratch_ls01(MedDINOv3Trainer_S_scratch):
+    """The paper's 2D design from a random ViT-S whose LayerScale starts at 0.1, where the `small_data` pretraining
+    starts."""
+    layerscale_init = 0.1

@@ -5,7 +5,8 @@
 #   WORK=~/meddinov3_hippocampus_benchmark benchmarks/hippocampus_hybrid/run_rows.sh SITE "TRAINER:CONFIG|SEED|FOLD" ...
 # WORK holds nnU-Net's folders, planned and preprocessed by benchmarks/hippocampus/run.sh's step 1.
 # The learning curve's 2000-step rows: PRESET=benchmarks/hippocampus_hybrid/cpu_2000.json (their own nnU-Net results
-# folder, WORK/nnUNet_results_cpu_2000, and run folders named ..._cpu_2000).
+# folder, WORK/nnUNet_results_cpu_2000, and run folders named ..._cpu_2000). RUNS_PARENT=DIR writes the runs to DIR/runs
+# (issue 22's rows: benchmarks/hippocampus/pretraining_small_data).
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 WORK="${WORK:-$HOME/meddinov3_hippocampus_benchmark}"
@@ -16,7 +17,7 @@ export nnUNet_raw="$WORK/nnUNet_raw" nnUNet_preprocessed="$WORK/nnUNet_preproces
 export nnUNet_results="$WORK/nnUNet_results${TAG:+_$TAG}"
 export nnUNet_n_proc_DA=2 nnUNet_def_n_proc=2
 export PYTHONPATH=$SITE MEDDINOV3_NO_AUTOREGISTER=1 MEDDINOV3_AMP=bf16 nnUNet_extTrainer=$SITE/meddinov3_nnunet/nnunet_ext
-OUT="$REPO/benchmarks/hippocampus_hybrid"
+OUT="${RUNS_PARENT:-$REPO/benchmarks/hippocampus_hybrid}"  # runs go to OUT/runs
 for spec in "$@"; do
   IFS='|' read -r row seed fold <<< "$spec"
   name="$(echo "${row%%:*}" | sed 's/MedDINOv3Trainer_//')_${row#*:}_s${seed}_f${fold}${TAG:+_$TAG}"
