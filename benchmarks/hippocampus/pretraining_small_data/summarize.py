@@ -35,9 +35,9 @@ def runs() -> dict[tuple[str, str, int, int], Path]:
     return found
 
 
-def mean_dsc(path: Path) -> tuple[float, int]:
-    values, undefined = case_means(path, "dsc")
-    return 100 * statistics.mean(values.values()), undefined
+def case_dsc(path: Path | None) -> tuple[dict[str, float], int] | None:
+    """({case: class-averaged DSC}, undefined values) of a run's per-case file, None for a run not made."""
+    return case_means(path, "dsc") if path else None
 
 
 def fmt(values: list[float]) -> str:
@@ -56,15 +56,14 @@ def comparison_table(found: dict) -> list[str]:
         for fold in sorted({k[3] for k in found if k[0] in (pretrained, random)} | {0}):
             a_runs, b_runs = [], []
             for seed in sorted({k[2] for k in found if k[0] in (pretrained, random) and k[3] == fold} | {0, 1}):
-                a = found.get((pretrained, configuration, seed, fold))
-                b = found.get((random, configuration, seed, fold))
-                a_dsc = mean_dsc(a) if a else None
-                b_dsc = mean_dsc(b) if b else None
+                a = case_dsc(found.get((pretrained, configuration, seed, fold)))
+                b = case_dsc(found.get((random, configuration, seed, fold)))
+                a_dsc, b_dsc = ((100 * statistics.mean(x[0].values()), x[1]) if x else None for x in (a, b))
                 paired = "–"
                 if a and b:
-                    diff, sd, better, n = compare(case_means(a, "dsc")[0], case_means(b, "dsc")[0])
+                    diff, sd, better, n = compare(a[0], b[0])
                     paired = f"{100 * diff:+.2f} ± {100 * sd:.2f} ({better}/{n})"
-                undefined = sum(x[1] for x in (a_dsc, b_dsc) if x)
+                undefined = sum(x[1] for x in (a, b) if x)
                 lines.append(f"| {design} | {fold} | {seed} | {f'{a_dsc[0]:.2f}' if a_dsc else 'not run'} | "
                              f"{f'{b_dsc[0]:.2f}' if b_dsc else 'not run'} | {paired}"
                              f"{f' ({undefined} undefined)' if undefined else ''} |")
