@@ -6,7 +6,10 @@
 # WORK holds nnU-Net's folders, planned and preprocessed by benchmarks/hippocampus/run.sh's step 1.
 # The learning curve's 2000-step rows: PRESET=benchmarks/hippocampus_hybrid/cpu_2000.json (their own nnU-Net results
 # folder, WORK/nnUNet_results_cpu_2000, and run folders named ..._cpu_2000). RUNS_PARENT=DIR writes the runs to DIR/runs
-# (issue 22's rows: benchmarks/hippocampus/pretraining_small_data).
+# (issue 22's rows: benchmarks/hippocampus/pretraining_small_data). RESULTS=DIR gives the trainings their own
+# nnUNet_results: needed when a row is run again from other MEDDINOV3_WEIGHTS (a row already trained in the results
+# folder is otherwise resumed: `benchmark` refuses one recorded with other weights, and cannot tell for rows trained
+# before it kept that record).
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 WORK="${WORK:-$HOME/meddinov3_hippocampus_benchmark}"
@@ -14,7 +17,7 @@ PRESET="${PRESET:-cpu}"
 TAG="$([ "$PRESET" = cpu ] || basename "$PRESET" .json)"
 SITE=$1; shift
 export nnUNet_raw="$WORK/nnUNet_raw" nnUNet_preprocessed="$WORK/nnUNet_preprocessed"
-export nnUNet_results="$WORK/nnUNet_results${TAG:+_$TAG}"
+export nnUNet_results="${RESULTS:-$WORK/nnUNet_results${TAG:+_$TAG}}"
 export nnUNet_n_proc_DA=2 nnUNet_def_n_proc=2
 export PYTHONPATH=$SITE MEDDINOV3_NO_AUTOREGISTER=1 MEDDINOV3_AMP=bf16 nnUNet_extTrainer=$SITE/meddinov3_nnunet/nnunet_ext
 OUT="${RUNS_PARENT:-$REPO/benchmarks/hippocampus_hybrid}"  # runs go to OUT/runs

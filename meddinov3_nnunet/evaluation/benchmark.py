@@ -10,7 +10,9 @@ and the layout is nnU-Net's own.
 For each row and fold it runs (or resumes with ``--c``, or re-validates with ``--val``) ``nnUNetv2_train`` in a
 subprocess, then evaluates ``fold_F/validation`` against nnU-Net's ``gt_segmentations`` with
 `evaluate_folders`. A row is finished when its ``checkpoint_final.pth`` and its evaluation exist; re-running
-skips finished work, ``--collect-only`` runs nothing. Peak memory is the largest resident set of the training
+skips finished work, ``--collect-only`` runs nothing. A fresh training records the weights files named in the
+environment (``fold_F/meddinov3_initialisation.json``); a finished or interrupted fold recorded with other weights
+is refused (one folder must not stand for two initialisations) rather than skipped or resumed. Peak memory is the largest resident set of the training
 process tree (``ru_maxrss`` of a wrapper that runs only that row). Tables, plots and the log parsing are in
 `benchmark_report`.
 """
@@ -44,6 +46,27 @@ class BenchmarkError(InputError):
 def load_preset(name_or_path: str) -> dict:
     """A shipped benchmark preset (``cpu``, ``gpu``) or a preset .json file."""
     return named_files.load_json(name_or_path, PRESET_DIR, "benchmark preset", BenchmarkError)
+
+
+WEIGHTS_VARIABLES = ("MEDDINOV3_WEIGHTS", "DINOV3_WEIGHTS")  # the trainers' `weights_env_var`s
+INITIALISATION_RECORD = "meddinov3_initialisation.json"
+
+
+def initialisation(env: dict) -> dict:
+    """The weights files a training's environment names, each with its size and modification time (so that a file
+    replaced under the same path counts as other weights); {} for random initialisation or the plans' weights."""
+    record = {}
+    for variable in WEIGHTS_VARIABLES:
+        if env.get(variable):
+            path = Path(env[variable]).expanduser().resolve()
+            stat = path.stat() if path.is_file() else None
+            record[variable] = {"path": str(path), "bytes": stat.st_size if stat else None,
+                                "mtime_ns": stat.st_mtime_ns if stat else None}
+    return record
+
+
+def _describe(record: dict) -> str:
+    return ", ".join(f"{k}={v['path']}" for k, v in record.items()) or "no weights file (random initialisation)"
 
 
 @dataclass(frozen=True)
@@ -167,15 +190,36 @@ class Benchmark:
         fold_dir, out = self.fold_dir(row, fold, seed), self.row_out(row, fold, seed)
         command = [nnunet_tool("nnUNetv2_train"), str(dataset_id(self.dataset)), row.configuration, str(fold),
                    "-tr", row.trainer, "-p", row.plans, "-device", self.device]
+        env = self.env(row, seed)
+        started = (fold_dir / "checkpoint_final.pth").is_file() or (fold_dir / "checkpoint_latest.pth").is_file()
+        if started:
+            self._check_initialisation(fold_dir, initialisation(env))
+        else:
+            fold_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(fold_dir / INITIALISATION_RECORD, json.dumps(initialisation(env), indent=1))
         if (fold_dir / "checkpoint_final.pth").is_file():
             if (fold_dir / "validation" / "summary.json").is_file():
                 self.log(f"[{row.label} fold {fold}{_seed_text(seed)}] trained and validated: skipped")
                 return
-            self._run(command + ["--val"], self.env(row, seed), out / "train.log", out / "validation.stats.json")
+            self._run(command + ["--val"], env, out / "train.log", out / "validation.stats.json")
             return
         if (fold_dir / "checkpoint_latest.pth").is_file():
             command.append("--c")
-        self._run(command, self.env(row, seed), out / "train.log", out / "train.stats.json")
+        self._run(command, env, out / "train.log", out / "train.stats.json")
+
+    def _check_initialisation(self, fold_dir: Path, wanted: dict) -> None:
+        """Refuse to skip or resume a fold that was trained from other weights than this run names."""
+        record_file = fold_dir / INITIALISATION_RECORD
+        if not record_file.is_file():
+            self.log(f"{fold_dir}: no record of its initialisation (trained before the benchmark kept one, or by "
+                     "nnUNetv2_train itself): taken as it is")
+            return
+        recorded = json.loads(record_file.read_text())
+        if recorded != wanted:
+            raise BenchmarkError(
+                f"{fold_dir} was trained from {_describe(recorded)} (recorded in {record_file}), but this run starts "
+                f"from {_describe(wanted)}: give this run its own nnUNet_results folder, or remove that fold folder "
+                "to train it again")
 
     def evaluate(self, row: Row, fold: int, seed: int | None = None) -> dict:
         out, validation = self.row_out(row, fold, seed), self.fold_dir(row, fold, seed) / "validation"

@@ -1,5 +1,6 @@
-"""benchmark re-runs: an evaluation is reused only while it is newer than the fold's predictions, and a
-resumed training (--c) reports the cost of all its attempts; a fresh run replaces old stats."""
+"""benchmark re-runs: an evaluation is reused only while it is newer than the fold's predictions, a
+resumed training (--c) reports the cost of all its attempts, a fresh run replaces old stats, and a fold trained from
+other weights is refused instead of skipped."""
 import json
 import os
 import sys
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from fake_nnunet import nnunet_paths, write_label
-from meddinov3_nnunet.evaluation.benchmark import Benchmark, Row
+from meddinov3_nnunet.evaluation.benchmark import INITIALISATION_RECORD, Benchmark, BenchmarkError, Row
 
 
 @pytest.fixture
@@ -71,3 +72,32 @@ def test_cpu_rows_get_few_nnunet_workers_unless_the_user_chose(one_row, monkeypa
     assert int(env["nnUNet_n_proc_DA"]) <= 2 and env["nnUNet_def_n_proc"] == "6"
     benchmark.device = "cuda"
     assert "nnUNet_n_proc_DA" not in benchmark.env(row)
+
+
+def test_a_fold_trained_from_other_weights_is_refused_not_skipped(one_row, tmp_path, monkeypatch):
+    benchmark, row, _ = one_row
+    trainings, messages = [], []
+    benchmark.log = messages.append
+    monkeypatch.setattr(benchmark, "_run", lambda command, *args: trainings.append(command) or {"returncode": 0})
+    first, second = tmp_path / "first.pth", tmp_path / "second.pth"
+    first.write_bytes(b"1")
+    second.write_bytes(b"22")
+    monkeypatch.setenv("MEDDINOV3_WEIGHTS", str(first))
+    benchmark.train(row, 0)  # a fresh fold: trained, its initialisation recorded
+    fold_dir = benchmark.fold_dir(row, 0)
+    assert json.loads((fold_dir / INITIALISATION_RECORD).read_text())["MEDDINOV3_WEIGHTS"]["bytes"] == 1
+    (fold_dir / "checkpoint_final.pth").write_bytes(b"")
+    (fold_dir / "validation").mkdir()
+    (fold_dir / "validation" / "summary.json").write_text("{}")
+    benchmark.train(row, 0)  # the same weights: finished, skipped
+    assert len(trainings) == 1 and "skipped" in messages[-1]
+    monkeypatch.setenv("MEDDINOV3_WEIGHTS", str(second))
+    with pytest.raises(BenchmarkError, match="second.pth: give this run its own nnUNet_results") as error:
+        benchmark.train(row, 0)
+    assert str(first) in str(error.value)
+    monkeypatch.delenv("MEDDINOV3_WEIGHTS")
+    with pytest.raises(BenchmarkError, match="random initialisation"):
+        benchmark.train(row, 0)
+    (fold_dir / INITIALISATION_RECORD).unlink()  # a fold trained before the record existed: taken as it is
+    benchmark.train(row, 0)
+    assert len(trainings) == 1 and "no record of its initialisation" in messages[-2]
