@@ -3,9 +3,12 @@ everything else identical (Hippocampus, 500 steps, CPU preset), paired per seed 
 
     .venv/bin/python benchmarks/hippocampus/pretraining_small_data/summarize.py
 
-Reads every run under runs/ (run_rows.sh with RUNS_PARENT=this folder), and the pretraining's own logs under
-pretraining/ (metrics.jsonl, probe.jsonl); writes results.md beside this script. Each run's DSC is the mean over
-cases of the class-averaged DSC from its per-case file (as `benchmarks/paired.py`).
+Two pretraining candidates, each in its own folder: DINO + iBOT + KoLeo (this folder) and the same with the
+masked-pixel head (`mim/`, `--set mim.enabled=true`). Reads every run under <candidate>/runs/ (run_rows.sh with
+RUNS_PARENT=<candidate folder>; the random rows live in this folder's runs/ and serve both candidates), and each
+pretraining's own logs under <candidate>/pretraining/ (metrics.jsonl, probe.jsonl); writes results.md beside this
+script. Each run's DSC is the mean over cases of the class-averaged DSC from its per-case file (as
+`benchmarks/paired.py`).
 """
 from __future__ import annotations
 
@@ -26,10 +29,16 @@ PAIRS = {  # design -> (pretrained trainer, random trainer, configuration)
 }
 
 
-def runs() -> dict[tuple[str, str, int, int], Path]:
-    """{(trainer, configuration, seed, fold): per_case.csv} of every finished run."""
+CANDIDATES = {  # name -> folder holding its pretraining/ logs and its pretrained runs/
+    "DINO + iBOT + KoLeo": HERE,
+    "DINO + iBOT + KoLeo + masked pixels (mim)": HERE / "mim",
+}
+
+
+def runs(folder: Path = HERE) -> dict[tuple[str, str, int, int], Path]:
+    """{(trainer, configuration, seed, fold): per_case.csv} of every finished run under folder/runs."""
     found = {}
-    for path in sorted(HERE.glob("runs/*/rows/*/seed_*/fold_*/per_case.csv")):
+    for path in sorted(folder.glob("runs/*/rows/*/seed_*/fold_*/per_case.csv")):
         trainer, _, configuration = path.parts[-4].split("__")
         found[(trainer, configuration, int(path.parts[-3][5:]), int(path.parts[-2][5:]))] = path
     return found
@@ -47,12 +56,16 @@ def fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f}{spread} (n={len(values)})"
 
 
-def comparison_table(found: dict) -> list[str]:
+def comparison_table(found: dict, random_found: dict) -> list[str]:
+    """Per-seed and per-fold table of one candidate's pretrained runs (found) against the random runs."""
     lines = ["| design | fold | seed | pretrained DSC | random DSC | paired pretrained − random (cases better) |",
              "|---|---|---|---|---|---|"]
     summary = ["", "| design | fold | pretrained | random | gain | goal (+3 beyond both seed spreads) |",
                "|---|---|---|---|---|---|"]
+    found = {**random_found, **found}
     for design, (pretrained, random, configuration) in PAIRS.items():
+        if not any(k[0] == pretrained for k in found):
+            continue
         for fold in sorted({k[3] for k in found if k[0] in (pretrained, random)} | {0}):
             a_runs, b_runs = [], []
             for seed in sorted({k[2] for k in found if k[0] in (pretrained, random) and k[3] == fold} | {0, 1}):
@@ -80,8 +93,18 @@ def comparison_table(found: dict) -> list[str]:
     return lines + summary
 
 
-def pretraining_lines() -> list[str]:
-    folder = HERE / "pretraining"
+def between_candidates(first: dict, second: dict) -> list[str]:
+    """Paired second − first candidate on the pretrained rows both have run."""
+    lines = ["| design | fold | seed | paired mim − DINO-only (cases better) |", "|---|---|---|---|"]
+    for design, (pretrained, _, configuration) in PAIRS.items():
+        for key in sorted(k for k in second if k[0] == pretrained and k[1] == configuration and k in first):
+            diff, sd, better, n = compare(case_dsc(second[key])[0], case_dsc(first[key])[0])
+            lines.append(f"| {design} | {key[3]} | {key[2]} | {100 * diff:+.2f} ± {100 * sd:.2f} ({better}/{n}) |")
+    return lines if len(lines) > 2 else []
+
+
+def pretraining_lines(candidate: Path) -> list[str]:
+    folder = candidate / "pretraining"
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     probes = [json.loads(line) for line in (folder / "probe.jsonl").read_text().splitlines() if line.strip()] \
         if (folder / "probe.jsonl").exists() else []
@@ -91,8 +114,9 @@ def pretraining_lines() -> list[str]:
     lines = [f"Pretraining: {last['step'] + 1} steps; s/step over the logged windows: median "
              f"{statistics.median(seconds):.2f}, min {seconds[0]:.2f}, max {seconds[-1]:.2f}.", "",
              "| loss | step 0 | mean of the last 50 steps |", "|---|---|---|"]
-    for key in ("dino_global", "dino_local", "ibot", "koleo", "total"):
-        lines.append(f"| {key} | {first[key]:.3f} | {statistics.mean(m[key] for m in window):.3f} |")
+    for key in ("dino_global", "dino_local", "ibot", "koleo", "mim", "total"):
+        if key in first:
+            lines.append(f"| {key} | {first[key]:.3f} | {statistics.mean(m[key] for m in window):.3f} |")
     if probes:
         lines += ["", "| linear probe after step | mean Dice | per label |", "|---|---|---|"]
         for probe in probes:
@@ -103,9 +127,20 @@ def pretraining_lines() -> list[str]:
 
 def main() -> None:
     lines = ["# Issue 22: small_data pretraining against random initialisation (generated by summarize.py)", ""]
-    lines += comparison_table(runs()) + [""]
-    if (HERE / "pretraining" / "metrics.jsonl").exists():
-        lines += pretraining_lines()
+    random_trainers = {random for _, random, _ in PAIRS.values()}
+    random_found = {k: v for k, v in runs(HERE).items() if k[0] in random_trainers}
+    for name, folder in CANDIDATES.items():
+        found = {k: v for k, v in runs(folder).items() if k[0] not in random_trainers}
+        if not found and not (folder / "pretraining" / "metrics.jsonl").exists():
+            lines += [f"## {name}", "", "not run", ""]
+            continue
+        table = comparison_table(found, random_found) if found else ["no fine-tune run yet"]
+        lines += [f"## {name}", ""] + table + [""]
+        if (folder / "pretraining" / "metrics.jsonl").exists():
+            lines += pretraining_lines(folder) + [""]
+    between = between_candidates(runs(HERE), runs(HERE / "mim"))
+    if between:
+        lines += ["## Between the candidates (pretrained rows, same seed and fold)", ""] + between + [""]
     text = "\n".join(lines) + "\n"
     (HERE / "results.md").write_text(text)
     print(text)
