@@ -12,9 +12,9 @@ subprocess, then evaluates ``fold_F/validation`` against nnU-Net's ``gt_segmenta
 `evaluate_folders`. A row is finished when its ``checkpoint_final.pth`` and its evaluation exist; re-running
 skips finished work, ``--collect-only`` runs nothing. A fresh training records the weights files named in the
 environment (``fold_F/meddinov3_initialisation.json``); a finished or interrupted fold recorded with other weights
-is refused (one folder must not stand for two initialisations) rather than skipped or resumed. Peak memory is the largest resident set of the training
-process tree (``ru_maxrss`` of a wrapper that runs only that row). Tables, plots and the log parsing are in
-`benchmark_report`.
+is refused (one folder must not stand for two initialisations) rather than skipped or resumed. Peak memory is the
+largest resident set of the training process tree (``ru_maxrss`` of a wrapper that runs only that row). Tables,
+plots and the log parsing are in `benchmark_report`.
 """
 from __future__ import annotations
 
