@@ -31,8 +31,8 @@ from .. import named_files
 from ..atomic_io import write_text_atomic
 from ..errors import InputError
 from ..nnunet.budget import BATCH_SIZE, BUDGET_VARIABLES, ITERS_PER_EPOCH, SEED
-from ..nnunet.environment import (PATH_VARIABLES, command_failed, dataset_id, find_dataset_name, nnunet_tool,
-                                  plugin_environment, required_path, run_logged)
+from ..nnunet.environment import (PATH_VARIABLES, WEIGHTS_VARIABLES, command_failed, dataset_id, find_dataset_name,
+                                  nnunet_tool, plugin_environment, required_path, run_logged)
 from .benchmark_report import parse_training_logs, write_outputs
 from .folder_evaluation import evaluate_folders, load_summary
 
@@ -48,7 +48,6 @@ def load_preset(name_or_path: str) -> dict:
     return named_files.load_json(name_or_path, PRESET_DIR, "benchmark preset", BenchmarkError)
 
 
-WEIGHTS_VARIABLES = ("MEDDINOV3_WEIGHTS", "DINOV3_WEIGHTS")  # the trainers' `weights_env_var`s
 INITIALISATION_RECORD = "meddinov3_initialisation.json"
 
 

@@ -9,6 +9,7 @@ import os
 import platform
 
 from meddinov3_nnunet.autoregister import OPT_OUT, PTH_NAME, discovery_source
+from meddinov3_nnunet.nnunet.environment import WEIGHTS_VARIABLES
 
 DISCOVERY_WAYS = {"auto": f"automatic registration (the start-up file {PTH_NAME}; {OPT_OUT}=1 turns it off)",
                   "user": "your nnUNet_extTrainer setting",
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             missing.append(f"nnU-Net cannot load {args.trainer}: {str(err).splitlines()[0]}")
 
     print("encoder weights")
-    for variable in ("MEDDINOV3_WEIGHTS", "DINOV3_WEIGHTS"):
+    for variable in WEIGHTS_VARIABLES:
         path = os.environ.get(variable)
         if not path:
             print(f"  {variable:<17} not set (or use `meddinov3-nnunet plan --weights`)")

@@ -67,6 +67,7 @@ def nnunet_tool(name: str) -> str:
 
 
 USER_SETTING_PREFIXES = ("MEDDINOV3_", "DINOV3_")
+WEIGHTS_VARIABLES = ("MEDDINOV3_WEIGHTS", "DINOV3_WEIGHTS")  # the trainers' `weights_env_var`s
 
 
 def without_user_settings(base: Mapping[str, str]) -> dict[str, str]:
