@@ -497,7 +497,8 @@ def nnunet_smoke_section(device: torch.device, workdir: Path, dry_run: bool) -> 
     predictions = workdir / "predictions"
     train = [nnunet_tool("nnUNetv2_train"), dataset, configuration, "0", "-tr", trainer, "-device", device.type]
     steps = [
-        ("nnU-Net planning", [nnunet_tool("nnUNetv2_plan_and_preprocess"), "-d", dataset, "-c", "2d", "-np", "2"]),
+        ("nnU-Net planning", [nnunet_tool("nnUNetv2_plan_and_preprocess"), "-d", dataset, "-c", "2d", "-np", "2",
+                              "-npfp", "2"]),  # fingerprint workers: 8 by default, each a fresh interpreter
         ("ViT-aware planning", [sys.executable, "-m", "meddinov3_nnunet.cli", "plan", "-d", dataset, "--preset",
                                 "cpu", "-np", "2"]),
         ("train", train),

@@ -198,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
         name, test_images, test_labels = make_synthetic_dataset(raw, args.cases, args.test_cases)
     dataset = str(dataset_id(name))
     cli = [sys.executable, "-m", "meddinov3_nnunet.cli"]
-    _step("plan", [nnunet_tool("nnUNetv2_plan_and_preprocess"), "-d", dataset, "-c", "2d", "-np", "2"], env, log)
+    _step("plan", [nnunet_tool("nnUNetv2_plan_and_preprocess"), "-d", dataset, "-c", "2d", "-np", "2",
+                   "-npfp", "2"], env, log)  # nnU-Net starts 8 fingerprint workers, each a fresh interpreter
     weights = ["--weights", str(Path(args.weights).resolve())] if args.weights else []
     _step("plan", cli + ["plan", "-d", dataset, "--preset", args.preset, *weights], env, log)
     _step("train", [nnunet_tool("nnUNetv2_train"), dataset, "2d_meddinov3", "0", "-tr", args.trainer,

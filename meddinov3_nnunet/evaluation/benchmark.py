@@ -167,7 +167,7 @@ class Benchmark:
         missing = [c for c in stock if not (self.preprocessed / f"nnUNetPlans_{c}").is_dir()]
         if not plans_file.is_file() or missing:
             self._run([nnunet_tool("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id(self.dataset)), "-c",
-                       *(missing or stock or ["2d"]), "-np", "2"], env, log_file)
+                       *(missing or stock or ["2d"]), "-np", "2", "-npfp", "2"], env, log_file)  # npfp: 8 by default
         for configuration in configurations:
             plans = json.loads(plans_file.read_text())
             if configuration not in plans["configurations"]:

@@ -11,8 +11,8 @@ def hippocampus_workspace(shared_dir, tmp_path_factory):
     Modules share it, so each trains its own trainer / configuration / fold combination."""
     workspace = Workspace(tmp_path_factory.mktemp("hippocampus"))
     workspace.identifiers = hippocampus_subset(shared_dir, workspace, count=10)
-    workspace.run("nnUNetv2_plan_and_preprocess", "-d", 4, "-c", "2d", "3d_fullres", "-np", 2, 2)
-    workspace.plan_output = workspace.cli("plan", "-d", 4, "--preset", "cpu", "-np", 2).stdout
+    workspace.run("nnUNetv2_plan_and_preprocess", "-d", 4, "-c", "2d", "3d_fullres", "-np", 1, 1, "-npfp", 1)
+    workspace.plan_output = workspace.cli("plan", "-d", 4, "--preset", "cpu", "-np", 1).stdout
     workspace.held_out, workspace.held_out_labels = workspace.root / "held_out", workspace.root / "held_out_labels"
     workspace.held_out.mkdir()
     workspace.held_out_labels.mkdir()

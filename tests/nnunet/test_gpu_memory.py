@@ -105,7 +105,7 @@ def test_plan_prints_the_step_memory_and_fits_the_batches(shared_dir, tmp_path):
     one patch is refused; the memory is printed and recorded in the plans."""
     workspace = Workspace(tmp_path)
     hippocampus_subset(shared_dir, workspace, count=10)
-    workspace.run("nnUNetv2_plan_and_preprocess", "-d", 4, "-c", "2d", "3d_fullres", "--no_pp", "-np", 1)
+    workspace.run("nnUNetv2_plan_and_preprocess", "-d", 4, "-c", "2d", "3d_fullres", "--no_pp", "-np", 1, "-npfp", 1)
     plans_file = workspace.preprocessed / "Dataset004_Hippocampus" / "nnUNetPlans.json"
     args = ("plan", "-d", 4, "--no-preprocess", "--trainer", "MedDINOv3Trainer_tiny", "--trainer-3d",
             "MedDINOv3Trainer_3d_smoke")

@@ -34,7 +34,7 @@ def test_two_channel_dataset_trains_and_predicts(shared_dir, tmp_path):
     meta.update(name=dataset.name, numTraining=len(train_ids))
     (dataset / "dataset.json").write_text(json.dumps(meta))
 
-    workspace.run("nnUNetv2_plan_and_preprocess", "-d", 5, "-c", "2d", "-np", 2)
+    workspace.run("nnUNetv2_plan_and_preprocess", "-d", 5, "-c", "2d", "-np", 1, "-npfp", 1)
     workspace.run("nnUNetv2_train", 5, "2d", 0, "-tr", "MedDINOv3Trainer_smoke", "-device", "cpu",
                   MEDDINOV3_NUM_EPOCHS=1, MEDDINOV3_BATCH_SIZE=4)
     model = workspace.results / dataset.name / "MedDINOv3Trainer_smoke__nnUNetPlans__2d"
