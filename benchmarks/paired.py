@@ -3,7 +3,7 @@
     python benchmarks/paired.py --a RUN_A1/per_case.csv RUN_A2/per_case.csv --b RUN_B1/per_case.csv [--metric dsc]
 
 Prints, for every pairing of an A run with a B run: mean of (A - B) over the cases ± its sd, and on how many cases A
-is better; a per-case value that is undefined (empty or NaN) is counted and left out of that pairing.
+is better (higher DSC / NSD, lower HD95); a per-case value that is undefined (empty or NaN) is counted and left out of that pairing.
 """
 from __future__ import annotations
 
@@ -32,12 +32,14 @@ def label(path: Path) -> str:
     return "/".join(path.parts[-4:-1])
 
 
-def compare(a: dict[str, float], b: dict[str, float]) -> tuple[float, float, int, int]:
+def compare(a: dict[str, float], b: dict[str, float], lower_is_better: bool = False) -> tuple[float, float, int, int]:
+    """(mean of A - B, its sd, cases where A is better, cases paired) over the cases both runs have."""
     cases = sorted(set(a) & set(b))
     diffs = [a[c] - b[c] for c in cases]
     mean = sum(diffs) / len(diffs)
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(len(diffs) - 1, 1))
-    return mean, sd, sum(d > 0 for d in diffs), len(cases)
+    better = sum(d < 0 for d in diffs) if lower_is_better else sum(d > 0 for d in diffs)
+    return mean, sd, better, len(cases)
 
 
 def main() -> None:
@@ -51,7 +53,7 @@ def main() -> None:
         a, undefined_a = case_means(path_a, args.metric)
         for path_b in args.b:
             b, undefined_b = case_means(path_b, args.metric)
-            mean, sd, better, n = compare(a, b)
+            mean, sd, better, n = compare(a, b, lower_is_better=args.metric == "hd95")
             print(f"{label(path_a)} vs {label(path_b)}: "
                   f"{mean * scale:+.2f} ± {sd * scale:.2f} ({args.metric}), A better on {better}/{n} cases"
                   f" (undefined values: A {undefined_a}, B {undefined_b})")
