@@ -475,7 +475,8 @@ def pretrain_section(device: torch.device, workdir: Path, dry_run: bool) -> tupl
 # -- 5: stock nnU-Net smoke -----------------------------------------------------------------------------------
 def nnunet_smoke_section(device: torch.device, workdir: Path, dry_run: bool) -> tuple[list[str], dict]:
     from meddinov3_nnunet.demo import link_real_dataset, make_synthetic_dataset
-    from meddinov3_nnunet.nnunet.environment import dataset_id, nnunet_tool, plugin_environment, without_user_settings
+    from meddinov3_nnunet.nnunet.environment import (dataset_id, nnunet_tool, plan_and_preprocess_command,
+                                                     plugin_environment, without_user_settings)
 
     raw, preprocessed, results = (workdir / name for name in ("raw", "preprocessed", "results"))
     for folder in (raw, preprocessed, results):
@@ -497,8 +498,7 @@ def nnunet_smoke_section(device: torch.device, workdir: Path, dry_run: bool) -> 
     predictions = workdir / "predictions"
     train = [nnunet_tool("nnUNetv2_train"), dataset, configuration, "0", "-tr", trainer, "-device", device.type]
     steps = [
-        ("nnU-Net planning", [nnunet_tool("nnUNetv2_plan_and_preprocess"), "-d", dataset, "-c", "2d", "-np", "2",
-                              "-npfp", "2"]),  # fingerprint workers: 8 by default, each a fresh interpreter
+        ("nnU-Net planning", plan_and_preprocess_command(dataset, ["2d"])),
         ("ViT-aware planning", [sys.executable, "-m", "meddinov3_nnunet.cli", "plan", "-d", dataset, "--preset",
                                 "cpu", "-np", "2"]),
         ("train", train),

@@ -3,7 +3,8 @@
     python benchmarks/paired.py --a RUN_A1/per_case.csv RUN_A2/per_case.csv --b RUN_B1/per_case.csv [--metric dsc]
 
 Prints, for every pairing of an A run with a B run: mean of (A - B) over the cases ± its sd, and on how many cases A
-is better (higher DSC / NSD, lower HD95); a per-case value that is undefined (empty or NaN) is counted and left out of that pairing.
+is better (higher DSC / NSD, lower HD95); a per-case value that is undefined (empty or NaN) is counted and left out
+of that pairing.
 """
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from meddinov3_nnunet.atomic_io import save_figure_atomic
 from meddinov3_nnunet.errors import InputError
 from meddinov3_nnunet.nnunet.budget import ITERS_PER_EPOCH, NUM_EPOCHS, VAL_ITERS
-from meddinov3_nnunet.nnunet.environment import (dataset_id, nnunet_tool, plugin_environment, run_logged,
-                                                  without_user_settings)
+from meddinov3_nnunet.nnunet.environment import (dataset_id, nnunet_tool, plan_and_preprocess_command,
+                                                  plugin_environment, run_logged, without_user_settings)
 
 SYNTHETIC_NAME = "Dataset990_SyntheticDemo"
 
@@ -198,8 +198,7 @@ def run(args: argparse.Namespace) -> int:
         name, test_images, test_labels = make_synthetic_dataset(raw, args.cases, args.test_cases)
     dataset = str(dataset_id(name))
     cli = [sys.executable, "-m", "meddinov3_nnunet.cli"]
-    _step("plan", [nnunet_tool("nnUNetv2_plan_and_preprocess"), "-d", dataset, "-c", "2d", "-np", "2",
-                   "-npfp", "2"], env, log)  # nnU-Net starts 8 fingerprint workers, each a fresh interpreter
+    _step("plan", plan_and_preprocess_command(dataset, ["2d"]), env, log)
     weights = ["--weights", str(Path(args.weights).resolve())] if args.weights else []
     _step("plan", cli + ["plan", "-d", dataset, "--preset", args.preset, *weights], env, log)
     _step("train", [nnunet_tool("nnUNetv2_train"), dataset, "2d_meddinov3", "0", "-tr", args.trainer,

@@ -32,7 +32,8 @@ from ..atomic_io import write_text_atomic
 from ..errors import InputError
 from ..nnunet.budget import BATCH_SIZE, BUDGET_VARIABLES, ITERS_PER_EPOCH, SEED
 from ..nnunet.environment import (PATH_VARIABLES, WEIGHTS_VARIABLES, command_failed, dataset_id, find_dataset_name,
-                                  nnunet_tool, plugin_environment, required_path, run_logged)
+                                  nnunet_tool, plan_and_preprocess_command, plugin_environment, required_path,
+                                  run_logged)
 from .benchmark_report import parse_training_logs, write_outputs
 from .folder_evaluation import evaluate_folders, load_summary
 
@@ -166,8 +167,8 @@ class Benchmark:
         plans_file = self.preprocessed / "nnUNetPlans.json"
         missing = [c for c in stock if not (self.preprocessed / f"nnUNetPlans_{c}").is_dir()]
         if not plans_file.is_file() or missing:
-            self._run([nnunet_tool("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id(self.dataset)), "-c",
-                       *(missing or stock or ["2d"]), "-np", "2", "-npfp", "2"], env, log_file)  # npfp: 8 by default
+            self._run(plan_and_preprocess_command(str(dataset_id(self.dataset)), missing or stock or ["2d"]), env,
+                      log_file)
         for configuration in configurations:
             plans = json.loads(plans_file.read_text())
             if configuration not in plans["configurations"]:

@@ -66,6 +66,14 @@ def nnunet_tool(name: str) -> str:
     return str(candidate) if candidate.exists() else (shutil.which(name) or name)
 
 
+def plan_and_preprocess_command(dataset: str, configurations: list[str], processes: int = 2) -> list[str]:
+    """nnU-Net's planning and preprocessing of ``configurations`` with ``processes`` workers for both the
+    fingerprint and the preprocessing: nnU-Net's own fingerprint default (8 spawned workers, each a fresh interpreter
+    importing torch) costs more than the work on a few cases or a small CPU."""
+    return [nnunet_tool("nnUNetv2_plan_and_preprocess"), "-d", dataset, "-c", *configurations,
+            "-np", str(processes), "-npfp", str(processes)]
+
+
 USER_SETTING_PREFIXES = ("MEDDINOV3_", "DINOV3_")
 WEIGHTS_VARIABLES = ("MEDDINOV3_WEIGHTS", "DINOV3_WEIGHTS")  # the trainers' `weights_env_var`s
 

@@ -13,7 +13,8 @@ import meddinov3_nnunet
 from meddinov3_nnunet import named_files
 from meddinov3_nnunet.errors import InputError, UserError
 from meddinov3_nnunet.nnunet.environment import (CommandFailedError, dataset_id, find_dataset_name, nnunet_tool,
-                                                 plugin_environment, run_logged, without_user_settings)
+                                                 plan_and_preprocess_command, plugin_environment, run_logged,
+                                                 without_user_settings)
 from meddinov3_nnunet.nnunet.planning import round_up_to_patch
 
 
@@ -147,3 +148,10 @@ def test_patch_sizes_round_up_to_whole_tokens():
     assert round_up_to_patch([56, 40]) == [64, 48]
     assert round_up_to_patch([64, 8]) == [64, 16]  # at least one token
     assert round_up_to_patch([112.0, 80.5]) == [112, 96]  # scaled sizes are floats
+
+
+def test_planning_runs_as_many_fingerprint_as_preprocessing_workers():
+    """nnU-Net's fingerprint step would otherwise spawn 8 fresh interpreters (62 s against 14 s for 10 cases here)."""
+    command = plan_and_preprocess_command("4", ["2d", "3d_fullres"], processes=3)
+    assert command[0] == nnunet_tool("nnUNetv2_plan_and_preprocess")
+    assert command[1:] == ["-d", "4", "-c", "2d", "3d_fullres", "-np", "3", "-npfp", "3"]
