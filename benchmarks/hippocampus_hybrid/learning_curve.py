@@ -52,6 +52,8 @@ RUNS = [
                           "MedDINOv3Trainer_S_hybrid_3d_scratch__nnUNetPlans__3d_fullres/seed_0/fold_0/per_case.csv"),
     ("3D hybrid", 500, 1, f"{HYBRID_RUNS}/S_hybrid_3d_scratch_3d_fullres_s1_f0/rows/"
                           "MedDINOv3Trainer_S_hybrid_3d_scratch__nnUNetPlans__3d_fullres/seed_1/fold_0/per_case.csv"),
+    ("3D hybrid", 500, 2, f"{HYBRID_RUNS}/S_hybrid_3d_scratch_3d_fullres_s2_f0/rows/"
+                          "MedDINOv3Trainer_S_hybrid_3d_scratch__nnUNetPlans__3d_fullres/seed_2/fold_0/per_case.csv"),
 ]
 
 
