@@ -65,7 +65,7 @@ def long_run(row: str, seed: int = 0) -> tuple:
                              f"per_case.csv")
 
 
-RUNS += [long_run(row) for row in ROWS]
+RUNS += [long_run(row) for row in ROWS] + [long_run("nnU-Net 3d_fullres", 1), long_run("3D hybrid", 1)]
 
 
 def run_dsc(source) -> tuple[float | None, str]:
